@@ -1,0 +1,45 @@
+"""The `nanochat` command: one entry point that dispatches to each stage's `main(argv)`.
+
+Each stage lives in its own module and owns its argument parsing; this file only maps a sub-command
+name to "module:function" and imports the module lazily, so `nanochat --help` stays fast and a
+stage's heavy dependencies are loaded only when that stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# sub-command -> ("module:function", one-line help). Add a line here when a stage grows a CLI.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("app.demo:main", "build a tiny model, save it, reload it in a fresh process and generate"),
+    "tokenizer": ("training.tokenizer:main", "train / evaluate / convert the BPE tokenizer (train, eval, convert)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: nanochat <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
+    lines += ["", "Run `nanochat <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"nanochat: unknown command {name!r}; choose one of: {', '.join(sorted(COMMANDS))}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

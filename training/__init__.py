@@ -1,0 +1,1 @@
+"""Training stages (tokenizer data, pretraining, SFT, RL) built on `modeling_nanochat`."""

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.initialization import no_init_weights
 from transformers.cache_utils import Cache
+from transformers.initialization import no_init_weights
 from transformers.masking_utils import (
     AttentionMaskInterface,
     create_sliding_window_causal_mask,

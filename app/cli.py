@@ -13,6 +13,7 @@ import sys
 # sub-command -> ("module:function", one-line help). Add a line here when a stage grows a CLI.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("app.demo:main", "build a tiny model, save it, reload it in a fresh process and generate"),
+    "data": ("training.data:main", "pretraining data: `nanochat data prepare` writes the embedded corpus"),
     "tokenizer": ("training.tokenizer:main", "train / evaluate / convert the BPE tokenizer (train, eval, convert)"),
 }
 

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize, tiny_config
+from reference_nanochat import GPT, GPTConfig
 from transformers import AutoModel, AutoModelForCausalLM
 
 from modeling_nanochat import NanoChatCache, NanoChatConfig, NanoChatForCausalLM, NanoChatModel
 from modeling_nanochat import modeling_nanochat as modeling
 from modeling_nanochat.convert_nanochat_checkpoint import hf_to_original_name, original_to_hf_name
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import randomize, tiny_config  # noqa: E402
-from reference_nanochat import GPT, GPTConfig  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

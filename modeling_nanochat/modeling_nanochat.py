@@ -171,8 +171,17 @@ def nanochat_fa3_attention(
             f"attn_implementation={FA3_IMPLEMENTATION!r} needs FlashAttention-3 (CUDA, Hopper): "
             "install `flash_attn_interface` or use attn_implementation='sdpa'"
         )
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
     window = (module.window, 0)
+    kvcache = kwargs.get("fa3_kvcache")
+    if kvcache is not None and hasattr(fa3, "flash_attn_with_kvcache"):
+        # decode: the new token is already in its ring slot (NanoChatCache.fa3_kvcache), FA3 only reads
+        k_cache, v_cache, cache_seqlens = kvcache
+        out = fa3.flash_attn_with_kvcache(
+            query.transpose(1, 2), k_cache, v_cache, cache_seqlens=cache_seqlens,
+            softmax_scale=scaling, causal=True, window_size=window,
+        )
+        return (out[0] if isinstance(out, tuple) else out), None
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
     batch, tq = q.shape[:2]
     tk = k.shape[1]
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -192,7 +201,9 @@ def nanochat_fa3_attention(
         return out.reshape(batch, tq, *out.shape[1:]), None
     if attention_mask is not None:  # left/right padding: unpad, varlen, pad back
         kv_mask = attention_mask.bool()
-        q_mask = kv_mask[:, -tq:]
+        # decode over a NanoChatCache ring (builds without flash_attn_with_kvcache): the mask marks filled
+        # slots, not the query, which is always real
+        q_mask = kv_mask[:, -tq:] if kvcache is None else torch.ones(batch, tq, dtype=torch.bool, device=q.device)
         len_q, len_k = q_mask.sum(-1, dtype=torch.int32), kv_mask.sum(-1, dtype=torch.int32)
         zero = torch.zeros(1, dtype=torch.int32, device=q.device)
         cu_q, cu_k = torch.cat([zero, len_q.cumsum(0, dtype=torch.int32)]), torch.cat([zero, len_k.cumsum(0, dtype=torch.int32)])
@@ -265,6 +276,8 @@ class NanoChatAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for the registry
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+            if T == 1 and self.config._attn_implementation == FA3_IMPLEMENTATION and isinstance(cache, NanoChatCache):
+                kwargs["fa3_kvcache"] = cache.fa3_kvcache(self.layer_idx)
         attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention_fn(
             self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0,
@@ -491,24 +504,38 @@ class NanoChatModel(NanoChatPreTrainedModel):
                 params.extend(obj.parameters())
         return params
 
-    def _positions(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int
-    ) -> torch.Tensor:
+    def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Positions without a cache (with one, the cache knows each row's real length)."""
         B, T = input_ids.shape[:2]
         if attention_mask is not None and attention_mask.dim() == 2:
             # left padding: real tokens count from 0, so padded rows equal unpadded ones
             positions = attention_mask.long().cumsum(-1) - 1
             positions = positions.masked_fill(attention_mask == 0, 0)
             return positions[:, -T:]
-        return torch.arange(past, past + T, device=input_ids.device).unsqueeze(0).expand(B, -1)
+        return torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, -1)
+
+    @staticmethod
+    def _last_real(x: torch.Tensor, prev: torch.Tensor | None, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Each row's last real (non-padding) position of x as (B, 1, C); rows without one keep `prev`."""
+        if token_mask is None:
+            return x[:, -1:, :]
+        last = token_mask.long().cumsum(1).argmax(1)  # first index reaching the final count = last real token
+        picked = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+        keep = prev.to(x.dtype) if prev is not None else torch.zeros_like(picked)
+        return torch.where(token_mask.any(1)[:, None, None], picked, keep)
 
     def _smear(
-        self, x: torch.Tensor, position_ids: torch.Tensor, boundaries_possible: bool, cache: Cache | None
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        boundaries_possible: bool,
+        cache: Cache | None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1}, never across a document start."""
         prev = getattr(cache, "prev_embedding", None) if cache is not None else None
         if cache is not None:
-            cache.prev_embedding = x[:, -1:, :]  # pre-smear, as nanochat stores it
+            cache.prev_embedding = self._last_real(x, prev, token_mask)  # pre-smear, as nanochat stores it
         lam = self.smear_lambda.to(x.dtype)
         gate = lam * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_gate_channels]))  # (B, T, 1)
         if prev is None:
@@ -530,12 +557,24 @@ class NanoChatModel(NanoChatPreTrainedModel):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        cache: Cache | None,
+        cache: NanoChatCache | None,
         position_ids: torch.Tensor | None,
+        cache_had_tokens: bool = False,
     ) -> dict[int, torch.Tensor | None]:
-        """One mask per distinct window, built once per forward by transformers' mask utilities."""
+        """One mask per distinct window, built once per forward.
+
+        With a cache that already holds tokens, the cache builds them (its ring slots are not in
+        chronological order, and it knows every row's real length); otherwise transformers' mask utilities
+        do (causal + window, padding, packed documents).
+        """
         masks = {}
-        mask_cache = cache if cache is not None and cache.get_seq_length() > 0 else None
+        if cache is not None and cache_had_tokens:
+            impl = self.config._attn_implementation or ""
+            flash_layout = impl == FA3_IMPLEMENTATION or "flash" in impl
+            for layer_idx, window in enumerate(self.config.layer_windows):
+                if window not in masks:
+                    masks[window] = cache.attention_mask(layer_idx, flash_layout)
+            return masks
         for layer_idx, window in enumerate(self.config.layer_windows):
             if window in masks:
                 continue
@@ -545,7 +584,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
                 config=config,
                 inputs_embeds=x,
                 attention_mask=attention_mask,
-                cache=mask_cache,
+                cache=None,
                 position_ids=position_ids,
                 layer_idx=layer_idx,
             )
@@ -583,22 +622,36 @@ class NanoChatModel(NanoChatPreTrainedModel):
                 f"NanoChat needs a NanoChatCache (it keeps per-layer windows and the smear state), got "
                 f"{type(cache).__name__}; pass cache=NanoChatCache(model.config) or leave it to generate()"
             )
-        past = cache.get_seq_length() if cache is not None else 0
+        B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("NanoChat: input_ids has no tokens (sequence length 0)")
         boundaries_possible = position_ids is not None or attention_mask is not None
+        token_mask, cache_positions, cache_had_tokens = None, None, False
+        if cache is not None:
+            # the cache plans this forward: real positions per row, padding left out of the cache
+            cache_had_tokens = not cache.is_empty()
+            if attention_mask is not None and attention_mask.dim() == 2:
+                attention_mask = attention_mask[:, -T:]  # generate() passes past + new columns
+                token_mask = attention_mask
+            cache_positions = cache.begin_forward(
+                B, T, token_mask, device=input_ids.device, dtype=self.embed_tokens.weight.dtype
+            )
+            token_mask = cache.current_token_mask
         if position_ids is None:
-            position_ids = self._positions(input_ids, attention_mask, past)
-        elif position_ids.shape[0] != input_ids.shape[0]:
-            position_ids = position_ids.expand(input_ids.shape[0], -1)
+            position_ids = cache_positions if cache_positions is not None else self._positions(input_ids, attention_mask)
+        elif position_ids.shape[0] != B:
+            position_ids = position_ids.expand(B, -1)
 
         x = self.embed_tokens(input_ids)  # activation dtype = embedding dtype (§1.7)
         x = rms_norm(x, self.config.rms_norm_eps)
         if self.config.use_smear:
-            x = self._smear(x, position_ids, boundaries_possible, cache)
+            x = self._smear(x, position_ids, boundaries_possible, cache, token_mask)
         x0 = x
         cos_sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         # packed-document detection in the mask utilities needs explicit position_ids and no padding mask
         masks = self._build_masks(
-            x, attention_mask, cache, position_ids if boundaries_possible and attention_mask is None else None
+            x, attention_mask, cache, position_ids if boundaries_possible and attention_mask is None else None,
+            cache_had_tokens,
         )
         if self.config._attn_implementation == FA3_IMPLEMENTATION and attention_mask is None:
             kwargs.setdefault("position_ids", position_ids)
@@ -668,7 +721,12 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
                 f"NanoChat supports its own NanoChatCache only; cache_implementation="
                 f"{generation_config.cache_implementation!r} is not available"
             )
-        model_kwargs["cache"] = NanoChatCache(self.config)
+        # generate() expands rows for beams / num_return_sequences before the first forward
+        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        model_kwargs["cache"] = NanoChatCache(
+            self.config, max_cache_len=max_cache_length, max_batch_size=rows, device=self.device,
+            dtype=self.model.embed_tokens.weight.dtype,
+        )
         return None
 
     def logits_from_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:

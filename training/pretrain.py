@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import shutil
 import sys
@@ -301,12 +300,16 @@ def make_accelerator(cfg: PretrainConfig):
                    if cfg.fp8_backend == "ao" else TERecipeKwargs())
         kwargs = {"mixed_precision": "fp8", "kwargs_handlers": [handler]}
     log_with = None
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.report_to == "wandb":
         if not os.environ.get("WANDB_API_KEY"):
-            os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_MODE", "offline")  # logs land in <output_dir>/wandb, `wandb sync` later
+        os.environ.setdefault("WANDB_DIR", str(Path(cfg.output_dir).resolve()))
         log_with = "wandb"
-    elif cfg.report_to == "mlflow":
-        os.environ.setdefault("MLFLOW_TRACKING_URI", Path(cfg.output_dir, "mlruns").resolve().as_uri())
+    elif cfg.report_to == "mlflow":  # a local file store in <output_dir>/mlruns unless MLFLOW_TRACKING_URI is set
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            os.environ["MLFLOW_TRACKING_URI"] = Path(cfg.output_dir, "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         log_with = "mlflow"
     return Accelerator(log_with=log_with, **kwargs)
 

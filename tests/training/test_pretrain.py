@@ -168,3 +168,24 @@ def test_bad_inputs_fail_before_training(corpus, tmp_path):
 
 def test_peak_flops_table():
     assert P.peak_flops(torch.device("cpu")) == float("inf")
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_trackers_log_locally(corpus, tmp_path, tracker, monkeypatch):
+    pytest.importorskip(tracker)
+    out = tmp_path / tracker
+    launch(base_args(corpus, out, "--num-iterations", "2", "--eval-every", "1", "--report-to", tracker))
+    if tracker == "mlflow":
+        import mlflow
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the run's local file store
+
+        client = mlflow.MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert len(runs) == 1
+        bpb = [m.value for m in client.get_metric_history(runs[0].info.run_id, "val/bpb")]
+        assert len(bpb) == 3 and bpb == [h["val_bpb"] for h in history(out) if "val_bpb" in h]
+        assert "train/loss" in runs[0].data.metrics
+    else:  # offline run folder with the history inside, ready for `wandb sync`
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))

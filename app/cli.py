@@ -15,6 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("app.demo:main", "build a tiny model, save it, reload it in a fresh process and generate"),
     "data": ("training.data:main", "pretraining data: `nanochat data prepare` writes the embedded corpus"),
     "tokenizer": ("training.tokenizer:main", "train / evaluate / convert the BPE tokenizer (train, eval, convert)"),
+    "sft": ("training.sft:main", "chat fine-tuning with TRL's SFTTrainer (assistant-only loss, packing, Muon, --lora)"),
+    "rl": ("training.rl:main", "RL on GSM8K with TRL's GRPOTrainer, calculator tool active in rollouts"),
+    "eval": ("eval.cli:main", "evaluate a model folder: CORE + bpb (base), ChatCORE (chat), and write the report"),
+    "convert": ("modeling_nanochat.convert_nanochat_checkpoint:main", "convert checkpoints: original nanochat <-> ours, transformers NanoChat -> ours"),
+    "push": ("app.hub:main", "publish a model folder on the Hub with a model card (--dry-run: preview)"),
 }
 
 

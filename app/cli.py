@@ -12,6 +12,7 @@ import sys
 
 # sub-command -> ("module:function", one-line help). Add a line here when a stage grows a CLI.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "speedrun": ("app.speedrun:main", "data -> tokenizer -> pretrain -> eval -> SFT -> eval -> report, one command"),
     "demo": ("app.demo:main", "build a tiny model, save it, reload it in a fresh process and generate"),
     "data": ("training.data:main", "pretraining data: `nanochat data prepare` writes the embedded corpus"),
     "tokenizer": ("training.tokenizer:main", "train / evaluate / convert the BPE tokenizer (train, eval, convert)"),
@@ -20,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval.cli:main", "evaluate a model folder: CORE + bpb (base), ChatCORE (chat), and write the report"),
     "convert": ("modeling_nanochat.convert_nanochat_checkpoint:main", "convert checkpoints: original nanochat <-> ours, transformers NanoChat -> ours"),
     "push": ("app.hub:main", "publish a model folder on the Hub with a model card (--dry-run: preview)"),
+    "serve": ("app.server:main", "serve a model: OpenAI + TGI APIs with continuous batching, and the chat UI at /"),
+    "chat": ("app.chat_cli:main", "chat with a model in the terminal (streaming, /clear, /exit, tool calls shown)"),
+    "ui": ("app.gradio_app:main", "the Gradio chat app on a local model folder or a remote endpoint"),
+    "space": ("app.gradio_app:space_main", "write a ready Hugging Face Space (app.py, requirements, README) for a model"),
 }
 
 

@@ -8,11 +8,12 @@ bpb = total_nats / (ln 2 * total_bytes). Both sums are all-reduced across ranks 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+
+from eval.metrics.bits_per_byte.bits_per_byte import bits_per_byte
 
 
 @torch.no_grad()
@@ -44,8 +45,7 @@ def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], st
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     model.train(was_training)
-    nbytes = total_bytes.item()
-    return float("inf") if nbytes == 0 else total_nats.item() / (math.log(2) * nbytes)
+    return bits_per_byte(total_nats.item(), total_bytes.item())
 
 
 def per_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

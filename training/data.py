@@ -331,13 +331,21 @@ def build_pretrain_loader(data: str, tokenize: TokenizeFn, bos_id: int, batch_si
 
 
 def iter_texts(data: str, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:
-    """Documents of a split in order (all row groups), each cropped to `doc_cap` characters; stops after
-    the document that pushes the running character count past `max_chars` (tokenizer training, §4.3)."""
-    files = split_shards(list_parquet_shards(data), split)
-    stream = ParquetDocumentStream(files)
+    """Documents of a split in order (all row groups; one pass), each cropped to `doc_cap` characters; stops
+    after the document that pushes the running character count past `max_chars` (tokenizer training, §4.3).
+
+    `data` is a parquet directory/glob (last shard = validation) or `hf:<dataset id>` streamed through
+    `datasets` (its "train" / "validation" split).
+    """
+    if data.startswith("hf:"):
+        source = HubTextSource(data[3:], split="train" if split == "train" else "validation")
+        epoch_of = lambda: source.epoch  # noqa: E731
+    else:
+        source = ParquetDocumentStream(split_shards(list_parquet_shards(data), split))
+        epoch_of = lambda: source.position.epoch  # noqa: E731
     total = 0
-    for texts in stream:
-        if stream.position.epoch > 1:
+    for texts in source:
+        if epoch_of() > 1:
             return
         for text in texts:
             text = text[:doc_cap] if doc_cap else text

@@ -8,10 +8,11 @@
   2. the Muon part alone: one stacked kernel per shape group vs the same kernel per matrix.
   3. 2 gloo ranks (torchrun, 1 thread each): step time per rank vs 1 rank on the same matrices.
      Goal ~0.5x: each rank orthogonalizes half of every shape group, then all-gathers.
-  4. sanity: loss after the same number of steps on a small synthetic LM task, ours vs AdamW
-     (best of three learning rates).
+  4. sanity: validation loss after the same number of steps on a small synthetic LM task (a
+     Markov chain whose second half repeats the first, so attention must learn to copy), ours
+     vs AdamW, each with a 3-point learning-rate sweep (ours: nanochat's LRs times 1, 2, 4).
 
-Usage: python bench/muon.py [--depths 4 8] [--repeats 3] [--loss-steps 150] [--no-ranks] [--no-loss]
+Usage: python bench/muon.py [--depths 4 8] [--repeats 3] [--loss-steps 200] [--no-ranks] [--no-loss]
 """
 
 from __future__ import annotations
@@ -137,20 +138,21 @@ def two_ranks(depth: int, repeats: int) -> dict[str, float]:
     return json.loads(line[len("RESULT "):])
 
 
-def markov_batches(steps: int, batch: int, seq: int, vocab: int, seed: int) -> list[torch.Tensor]:
-    """Each token has 4 likely successors (90%) or a uniform one (10%): learnable, not trivial."""
+def copy_task_batches(steps: int, batch: int, seq: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    """First half: a Markov chain where each token has 4 likely successors (90%) or a uniform one;
+    second half: the first half again (predictable only by attending back and copying)."""
     gen = torch.Generator().manual_seed(1234)
     successors = torch.randint(0, vocab, (vocab, 4), generator=gen)
     gen.manual_seed(seed)
     out = []
     for _ in range(steps):
-        x = torch.empty(batch, seq, dtype=torch.long)
+        x = torch.empty(batch, seq // 2, dtype=torch.long)
         x[:, 0] = torch.randint(0, vocab, (batch,), generator=gen)
-        for t in range(1, seq):
+        for t in range(1, seq // 2):
             follow = successors[x[:, t - 1], torch.randint(0, 4, (batch,), generator=gen)]
             noise = torch.randint(0, vocab, (batch,), generator=gen)
             x[:, t] = torch.where(torch.rand(batch, generator=gen) < 0.9, follow, noise)
-        out.append(x)
+        out.append(torch.cat([x, x], dim=1))
     return out
 
 
@@ -172,7 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8], help="parameter sets to time")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per candidate (median)")
-    parser.add_argument("--loss-steps", type=int, default=150, help="training steps of the loss sanity check")
+    parser.add_argument("--loss-steps", type=int, default=200, help="training steps of the loss sanity check")
     parser.add_argument("--no-ranks", action="store_true", help="skip the 2-rank timing")
     parser.add_argument("--no-loss", action="store_true", help="skip the loss sanity check")
     parser.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
@@ -204,18 +206,23 @@ def main() -> None:
         print(f"d{depth} Muon step, 2 gloo ranks x 1 thread: per rank {r['split'] * 1e3:.0f} ms vs one rank doing "
               f"all {r['alone'] * 1e3:.0f} ms = {r['split'] / r['alone']:.2f}x (goal ~0.5x, incl. all-gather)")
     if not args.no_loss:
-        train = markov_batches(args.loss_steps, 16, 64, 512, seed=0)
-        val = markov_batches(8, 16, 64, 512, seed=1)
-        ours = final_loss(lambda m: MuonAdamW(nanochat_param_groups(m, unembedding_lr=0.008, embedding_lr=0.3)),
-                          train, val)
-        adamw = {lr: final_loss(lambda m, lr=lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95)),
-                                train, val) for lr in (1e-3, 3e-3, 1e-2)}
-        best = min(adamw, key=adamw.get)
-        print(f"synthetic LM (d4, C=128, vocab 512, {args.loss_steps} steps of 16x64 tokens), val loss: "
-              f"ours {ours:.3f} vs AdamW {adamw[best]:.3f} (best lr {best:g}; "
-              + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in adamw.items())
-              + f"); uniform {math.log(512):.3f}")
+        train = copy_task_batches(args.loss_steps, 16, 64, 512, seed=0)
+        val = copy_task_batches(8, 16, 64, 512, seed=1)
 
+        def ours(mult: float):
+            return lambda m: MuonAdamW(nanochat_param_groups(
+                m, unembedding_lr=0.008 * mult, embedding_lr=0.3 * mult, matrix_lr=0.02 * mult, scalar_lr=0.5 * mult))
+
+        def adamw(lr: float):
+            return lambda m: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+        runs = {f"ours x{k:g}": final_loss(ours(k), train, val) for k in (1, 2, 4)}
+        runs.update({f"AdamW {lr:g}": final_loss(adamw(lr), train, val) for lr in (3e-3, 1e-2, 3e-2)})
+        best_ours = min((v, k) for k, v in runs.items() if k.startswith("ours"))
+        best_adamw = min((v, k) for k, v in runs.items() if k.startswith("AdamW"))
+        print(f"synthetic copy task (d4, C=128, vocab 512, {args.loss_steps} steps of 16x64 tokens), val loss: "
+              f"best ours {best_ours[0]:.3f} ({best_ours[1]}) vs best AdamW {best_adamw[0]:.3f} ({best_adamw[1]}); "
+              + ", ".join(f"{k}: {v:.3f}" for k, v in runs.items()) + f"; uniform {math.log(512):.3f}")
 
 if __name__ == "__main__":
     main()

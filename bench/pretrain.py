@@ -59,6 +59,7 @@ def main() -> None:
         data=str(root / "data"), tokenizer=str(root / "tok"), output_dir=str(root / "run"), depth=args.depth,
         head_dim=64, max_seq_len=args.seq, device_batch_size=args.batch, total_batch_size=args.batch * args.seq,
         num_iterations=args.steps, eval_every=-1, eval_tokens=args.batch * args.seq, sample_every=10**9,
+        core_metric_every=-1,
         log_every=10**9,
     )
     summary = P.run(cfg)

@@ -70,6 +70,9 @@ class PretrainConfig:
     eval_every: int = field(default=250, metadata={"help": "validation bpb every N steps (-1: only at the end)"})
     eval_tokens: int = field(default=80 * 524288, metadata={"help": "validation tokens per evaluation"})
     sample_every: int = field(default=2000, metadata={"help": "greedy samples of 7 prompts every N steps (-1: only at the end)"})
+    core_metric_every: int = field(default=2000, metadata={"help": "CORE every N steps and at the end (-1: never)"})
+    core_metric_max_per_task: int = field(default=500, metadata={"help": "items per CORE task during training (-1: all)"})
+    core_bundle: str = field(default="auto", metadata={"help": "CORE bundle: auto (downloaded original if cached, else the offline subset), subset, download, a folder/zip/URL"})
     log_every: int = field(default=1, metadata={"help": "console line every N steps"})
     report_to: str = field(default="none", metadata={"help": "tracker: none, wandb (offline without a key), mlflow (local store)"})
     run_name: str = field(default="dummy", metadata={"help": "tracker run name"})
@@ -393,6 +396,21 @@ def run(cfg: PretrainConfig) -> dict:
         with fp8_disabled(raw_model):
             return evaluate_bpb(raw_model, val_loader, eval_steps, tbytes)
 
+    core_bundle = None
+
+    def core_metric() -> dict:
+        """CORE on the uncompiled model in the compute dtype (spec §6.9), on the main process."""
+        nonlocal core_bundle
+        from eval.cli import resolve_bundle
+        from eval.core import evaluate_core
+
+        core_bundle = core_bundle or resolve_bundle(cfg.core_bundle)
+        with fp8_disabled(raw_model):
+            raw_model.eval()
+            result = evaluate_core(raw_model, tokenizer, core_bundle, max_per_task=cfg.core_metric_max_per_task)
+            raw_model.train()
+        return result
+
     def sample() -> list[str]:
         outs = []
         with fp8_disabled(raw_model), torch.no_grad():
@@ -429,6 +447,13 @@ def run(cfg: PretrainConfig) -> dict:
             accelerator.print(f"step {step:05d} | val bpb {bpb:.4f}")
             accelerator.log({"val/bpb": bpb, "step": step}, step=step)
             loop.history.append({"step": step, "val_bpb": bpb})
+        if accelerator.is_main_process and cfg.core_metric_every > 0 and (
+                last or (step > 0 and step % cfg.core_metric_every == 0)):
+            core = core_metric()
+            centered = {label: r["centered"] for label, r in core["tasks"].items()}
+            accelerator.print(f"step {step:05d} | CORE metric {core['core']:.4f} ({core['bundle'].get('name', 'CORE')})")
+            accelerator.log({"core_metric": core["core"], **{f"centered/{k}": v for k, v in centered.items()}}, step=step)
+            loop.history.append({"step": step, "core_metric": core["core"], "centered_results": centered})
         if accelerator.is_main_process and (last or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             for text in sample():
                 accelerator.print(f"  sample: {text!r}")

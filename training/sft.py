@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from trl import SFTConfig, SFTTrainer
 
@@ -98,6 +99,10 @@ class NanoChatSFTConfig(SFTConfig):
     save_strategy: SaveStrategy | str = field(default="no", metadata={"help": "intermediate Trainer checkpoints (the final model is always saved)"})
     eval_strategy: IntervalStrategy | str = field(default="steps", metadata={"help": "validation loss schedule: no, steps, epoch"})
     eval_steps: float | None = field(default=200, metadata={"help": "validation loss every N steps"})
+    chatcore_every: int = field(default=200, metadata={"help": "ChatCORE every N steps and at the last step (-1: never)"})
+    chatcore_max_problems: int = field(default=24, metadata={"help": "problems per ChatCORE task during training"})
+    chatcore_tasks: str | None = field(default=None, metadata={"help": "ChatCORE tasks separated by | (default: all six)"})
+    chatcore_max_new_tokens: int = field(default=256, metadata={"help": "tokens per generated ChatCORE answer"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "trackers: none, wandb, mlflow, trackio, ..."})
 
     def __post_init__(self):
@@ -288,6 +293,38 @@ class NanoChatSFTTrainer(SFTTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+class ChatCoreCallback(TrainerCallback):
+    """ChatCORE (subset) every `chatcore_every` steps and at the last step (spec §7.6), on process zero.
+
+    Results go into the trainer's log history (`chatcore`, `chatcore_cat`, `chatcore/<task>` accuracies) and
+    through `log` to the trackers. With LoRA, the base model with its adapter layers active is evaluated.
+    """
+
+    def __init__(self, trainer: SFTTrainer, cfg: NanoChatSFTConfig):
+        self.trainer, self.cfg = trainer, cfg
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.cfg.chatcore_every
+        last = state.global_step >= state.max_steps
+        if every <= 0 or not (last or state.global_step % every == 0) or not self.trainer.is_world_process_zero():
+            return control
+        from eval.chat import LocalChat, evaluate_chatcore
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        tasks = [t for t in self.cfg.chatcore_tasks.split("|") if t] if self.cfg.chatcore_tasks else None
+        was_training = model.training
+        with torch.no_grad():
+            result = evaluate_chatcore(LocalChat(model, self.trainer.processing_class, self.cfg.per_device_eval_batch_size),
+                                       tasks, max_problems=self.cfg.chatcore_max_problems,
+                                       max_new_tokens=self.cfg.chatcore_max_new_tokens)
+        model.train(was_training)
+        logs = {"chatcore": result["chatcore"], "chatcore_cat": result["chatcore_cat"],
+                **{f"chatcore/{name}": r["accuracy"] for name, r in result["tasks"].items()}}
+        self.trainer.log({k: v for k, v in logs.items() if v is not None})
+        return control
+
+
 # --------------------------------------------------------------------------- the run
 def read_base(base: str | Path, flag: str = "--base") -> dict[str, Any]:
     """Validate a model folder (nanochat-hf config and tokenizer) and return its training summary ({} if none)."""
@@ -415,6 +452,7 @@ def build_trainer(cfg: NanoChatSFTConfig, train_dataset=None, eval_dataset=None)
         peft_config=lora_config(cfg) if cfg.lora else None,
     )
     trainer.nanochat_settings = {**settings, "optimizer_state": optimizer_kwargs["optimizer_state"]}
+    trainer.add_callback(ChatCoreCallback(trainer, cfg))
     return trainer
 
 

@@ -30,7 +30,7 @@ def conversations(tmp_path_factory):
 
 def config(tmp_path, base_dir, **overrides) -> S.NanoChatSFTConfig:
     kwargs = dict(output_dir=str(tmp_path / "out"), base=str(base_dir), max_steps=4, eval_strategy="no", seed=0,
-                  use_cpu=True, disable_tqdm=True, save_strategy="no")
+                  use_cpu=True, disable_tqdm=True, save_strategy="no", chatcore_every=-1)
     kwargs.update(overrides)
     return S.NanoChatSFTConfig(**kwargs)
 
@@ -256,3 +256,13 @@ def test_templates_that_do_not_train_nanochats_tokens_are_refused(tokenizer):
     with pytest.raises(S.SFTDataError, match="does not reproduce nanochat's rendering"):
         S.check_template_masks(broken, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]])
     S.check_template_masks(tokenizer, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]])
+
+
+def test_chatcore_is_logged_during_training(tmp_path, base_dir, conversations):
+    summary = S.run(config(tmp_path, base_dir, max_steps=3, chatcore_every=2, chatcore_max_problems=2,
+                           chatcore_tasks="ARC-Easy|SpellingBee", chatcore_max_new_tokens=8), conversations)
+    logged = [h for h in summary["history"] if "chatcore/ARC-Easy" in h]
+    assert [h["step"] for h in logged] == [2, 3]  # every 2 steps and at the last one
+    for h in logged:
+        assert 0.0 <= h["chatcore/ARC-Easy"] <= 1.0 and 0.0 <= h["chatcore/SpellingBee"] <= 1.0
+        assert "chatcore" not in h  # the ChatCORE aggregate needs all six tasks

@@ -27,7 +27,8 @@ def pretrained(tmp_path_factory, tokenizer):
     cmd = [sys.executable, "-m", "training.pretrain", "--data", str(root / "data"), "--tokenizer", str(root / "tok"),
            "--output-dir", str(root / "base"), "--depth", "2", "--head-dim", "32", "--aspect-ratio", "32",
            "--max-seq-len", "256", "--device-batch-size", "2", "--total-batch-size", "512", "--num-iterations", "4",
-           "--eval-tokens", "512", "--sample-every", "-1", "--log-every", "1000", "--warmup-steps", "1"]
+           "--eval-tokens", "512", "--sample-every", "-1", "--log-every", "1000", "--warmup-steps", "1",
+           "--core-metric-every", "-1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root
@@ -39,7 +40,7 @@ def test_nanochat_sft_then_rl_on_a_pretrained_base(pretrained):
     base, sft_dir, rl_dir = pretrained / "base", pretrained / "sft", pretrained / "rl"
     assert cli.main(["sft", "--base", str(base), "--output_dir", str(sft_dir), "--mixture", "demo",
                      "--max_conversations", "48", "--max_steps", "3", "--eval_strategy", "no", "--use_cpu", "true",
-                     "--disable_tqdm", "true"]) == 0
+                     "--disable_tqdm", "true", "--chatcore_every", "-1"]) == 0
     summary = json.loads((sft_dir / "summary.json").read_text())
     assert summary["steps"] == 3
     assert summary["settings"]["optimizer_state"].endswith("step-000004/optimizer.bin")  # the base run's momenta

@@ -36,7 +36,7 @@ def base_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(corpus / "data"), "--tokenizer", str(corpus / "tok"), "--output-dir", str(out),
             "--depth", "2", "--head-dim", "32", "--aspect-ratio", "32", "--max-seq-len", "64",
             "--device-batch-size", "4", "--total-batch-size", "512", "--eval-tokens", "512",
-            "--sample-every", "-1", "--log-every", "1000", "--warmup-steps", "2", *extra]
+            "--sample-every", "-1", "--log-every", "1000", "--warmup-steps", "2", "--core-metric-every", "-1", *extra]
 
 
 def launch(args: list[str], *, processes: int = 1, wait: bool = True, log: Path | None = None):
@@ -189,3 +189,35 @@ def test_trackers_log_locally(corpus, tmp_path, tracker, monkeypatch):
     else:  # offline run folder with the history inside, ready for `wandb sync`
         runs = list((out / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def test_core_metric_during_training(corpus, tmp_path):
+    out = tmp_path / "core"
+    launch(base_args(corpus, out, "--num-iterations", "2", "--eval-every", "-1", "--core-metric-every", "1",
+                     "--core-metric-max-per-task", "11", "--core-bundle", "subset"))
+    cores = [h for h in history(out) if "core_metric" in h]
+    assert [h["step"] for h in cores] == [1, 2]  # every step after 0, and the last
+    assert len(cores[-1]["centered_results"]) == 14 and -1 <= cores[-1]["core_metric"] <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["ao", "te"])
+def test_gpu_fp8_run(corpus, tmp_path, backend):
+    if backend == "te":
+        pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed (pip install -e .[gpu])")
+    out = tmp_path / backend
+    launch(base_args(corpus, out, "--num-iterations", "4", "--eval-every", "2", "--fp8", "true", "--fp8-backend",
+                     backend, "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "128",
+                     "--device-batch-size", "4", "--total-batch-size", "512"))
+    evals = [h["val_bpb"] for h in history(out) if "val_bpb" in h]
+    assert len(evals) == 3 and all(0 < b < 20 for b in evals)
+
+
+@pytest.mark.gpu
+def test_gpu_run_compiles_with_bf16_embeddings(corpus, tmp_path):
+    out = tmp_path / "gpu"
+    launch(base_args(corpus, out, "--num-iterations", "6", "--eval-every", "3", "--compile", "yes"))
+    evals = [h["val_bpb"] for h in history(out) if "val_bpb" in h]
+    assert evals[-1] < evals[0]
+    weights = load_file(out / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].dtype == torch.bfloat16  # nanochat's dtype policy on CUDA

@@ -28,7 +28,18 @@ from functools import partial
 
 from datasets import Dataset
 
-from . import arc, arithmetic, chatterbot, gsm8k, humaneval, identity, mmlu, simple_spelling, smoltalk, spelling_bee
+from . import (
+    arc,
+    arithmetic,
+    chatterbot,
+    gsm8k,
+    humaneval,
+    identity,
+    mmlu,
+    simple_spelling,
+    smoltalk,
+    spelling_bee,
+)
 from .common import CONVERSATION_FEATURES, TaskDataError, extract_answer, render_mc
 from .mixture import PRESETS, TaskSpec, build_mixture, load_mixture, preset
 

@@ -1,6 +1,6 @@
 """CORE scoring throughput: batched scoring vs one forward per continuation (and per item, as the original).
 
-    python bench/eval.py [--items 30] [--depth 4] [--device cpu]
+    python bench/eval_core.py [--items 30] [--depth 4] [--device cpu]
 
 Same model, same items, same run: the CORE subset's zero-shot tasks (hellaswag_zeroshot, copa, openbook_qa,
 winogrande, lambada_openai), a NanoChat of the given depth (random weights: speed does not depend on them)

@@ -152,6 +152,23 @@ class ParquetDocumentStream:
         self.position = StreamPosition(**state)
 
 
+def last_file_split(dataset: str) -> dict[str, list[str]]:
+    """The original's split rule for a Hub dataset (or local folder) of parquet shards: the shards in sorted
+    order, validation = the last one, train = the others (ClimbMix / FineWeb-Edu have no validation split).
+    The file list comes from `datasets`' own data-file resolution, so it works for Hub ids and folders."""
+    from datasets import load_dataset_builder
+
+    try:
+        files = load_dataset_builder(dataset).config.data_files
+    except Exception as exc:
+        raise DataError(f"cannot list the files of dataset {dataset!r}: {exc}") from exc
+    shards = sorted({str(f) for split_files in (files or {}).values() for f in split_files if str(f).endswith(".parquet")})
+    if len(shards) < 2:
+        raise DataError(f"dataset {dataset!r} needs at least 2 parquet shards (the last one is the validation split), "
+                        f"found {len(shards)}")
+    return {"train": shards[:-1], "validation": shards[-1:]}
+
+
 class HubTextSource:
     """A Hub dataset (or any `datasets.load_dataset` path) streamed in 128-document slices.
 
@@ -165,7 +182,12 @@ class HubTextSource:
         from datasets.distributed import split_dataset_by_node
 
         try:
-            ds = load_dataset(dataset, split=split, streaming=True, **load_kwargs)
+            if split in ("train", "validation") and not load_kwargs:
+                ds = load_dataset("parquet", data_files=last_file_split(dataset), split=split, streaming=True)
+            else:
+                ds = load_dataset(dataset, split=split, streaming=True, **load_kwargs)
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"cannot open dataset {dataset!r} (split {split!r}): {exc}") from exc
         features = ds.features

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -468,7 +468,7 @@ def run(cfg: PretrainConfig) -> dict:
                 group["momentum"] = scaling.muon_momentum(step, N, cfg.warmdown_ratio)
                 group["weight_decay"] = scaling.muon_weight_decay(step, N, plan.weight_decay)
         for micro in range(accum):
-            sync = accelerator.no_sync(model) if micro < accum - 1 else _null()
+            sync = accelerator.no_sync(model) if micro < accum - 1 else nullcontext()
             with sync:
                 loss = train_model(input_ids=inputs, targets=targets, use_cache=False).loss
                 train_loss = loss.detach()
@@ -517,11 +517,6 @@ def run(cfg: PretrainConfig) -> dict:
                           f"training time {loop.total_training_time / 60:.2f} min")
     accelerator.end_training()
     return summary
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:

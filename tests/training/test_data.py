@@ -180,3 +180,20 @@ def test_bad_data_gives_clear_errors(tmp_path):
 def test_prepare_cli(tmp_path, capsys):
     assert D.main(["prepare", "--out", str(tmp_path / "d"), "--shards", "2"]) == 0
     assert "wrote 2 shards" in capsys.readouterr().out
+
+
+def test_hub_dataset_of_shards_splits_like_the_original(tmp_path):
+    # ClimbMix on the Hub is a folder of parquet shards without a validation split: last shard = validation
+    docs = write_shards(tmp_path, 40, n_shards=3, row_group=10)
+    assert D.last_file_split(str(tmp_path)) == {
+        "train": [str(tmp_path / "shard_00000.parquet"), str(tmp_path / "shard_00001.parquet")],
+        "validation": [str(tmp_path / "shard_00002.parquet")],
+    }
+    val = list(D.iter_texts(f"hf:{tmp_path}", "val"))
+    assert val == [d for d in docs[2] if d]
+    train = list(D.iter_texts(f"hf:{tmp_path}", "train"))
+    assert sorted(train) == sorted(d for shard in docs[:2] for d in shard if d)
+    one = tmp_path / "one"
+    write_shards(one, 5, n_shards=1)
+    with pytest.raises(D.DataError, match="at least 2 parquet shards"):
+        D.last_file_split(str(one))

@@ -1,7 +1,9 @@
-"""Scaling-law helpers shared by the training stages (spec §6.3).
+"""Scaling laws and schedules shared by the training stages (spec §6.3-6.5).
 
-Only the batch-size LR factor lives here so far; the width factor of the AdamW LRs is part of
-the optimizer's group definition (`training.muon.dmodel_lr_scale`).
+One dial: `plan_training(config, reference_config=d12)` derives the target tokens, the auto total batch
+(power law, a power of two), the batch LR factor, the T_epoch weight decay, the horizon and the gradient
+accumulation; `lr_multiplier`, `muon_momentum` and `muon_weight_decay` are the per-step schedules. The width
+factor of the AdamW LRs is part of the optimizer's group definition (`training.muon.dmodel_lr_scale`).
 """
 
 from __future__ import annotations

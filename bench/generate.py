@@ -26,22 +26,11 @@ import argparse
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from baselines import llama_like  # noqa: E402  (bench/ is on sys.path when a bench script runs)
+from transformers import DynamicCache
 
 from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM
 from modeling_nanochat.generation_nanochat import NanoChatEngine, SpecialTokens
-
-
-def llama_like(config: NanoChatConfig) -> LlamaForCausalLM:
-    """Same width, depth, heads, head dim and (padded) vocab; gated MLP at 8C/3 for equal matmul params."""
-    C = config.hidden_size
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.padded_vocab_size, hidden_size=C, intermediate_size=8 * C // 3,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings, attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    ))
 
 
 def cache_bytes(cache) -> int:

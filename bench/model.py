@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from baselines import llama_like  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
 from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM
 
@@ -45,17 +45,6 @@ def train_step_seconds(model, ids, repeats: int) -> float:
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def llama_like(config: NanoChatConfig) -> LlamaForCausalLM:
-    C = config.hidden_size
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.padded_vocab_size, hidden_size=C, intermediate_size=8 * C // 3,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings, attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    ))
 
 
 def main() -> None:

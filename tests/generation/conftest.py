@@ -17,16 +17,10 @@ def build_byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from modeling_nanochat.tokenization_nanochat import BYTE_TO_UNICODE
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    # GPT-2's byte -> printable character map, the one ByteLevel uses
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
+    chars = BYTE_TO_UNICODE  # GPT-2's byte -> printable character map, the one ByteLevel uses
     assert set(chars.values()) == set(alphabet)
     backend = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

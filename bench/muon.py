@@ -7,7 +7,8 @@
      orthogonalizes in bf16, ours in fp32 on CPU (bf16 on GPU): both are shown.
   2. the Muon part alone: one stacked kernel per shape group vs the same kernel per matrix.
   3. 2 gloo ranks (torchrun, 1 thread each): step time per rank vs 1 rank on the same matrices.
-     Goal ~0.5x: each rank orthogonalizes half of every shape group, then all-gathers.
+     Goal ~0.5x: each rank orthogonalizes half of every shape group, then all-gathers. The same
+     under FSDP2 (matrices row-sharded with fully_shard; rows to owners and back by all-to-all).
   4. sanity: validation loss after the same number of steps on a small synthetic LM task (a
      Markov chain whose second half repeats the first, so attention must learn to copy), ours
      vs AdamW, each with a 3-point learning-rate sweep (ours: nanochat's LRs times 1, 2, 4).
@@ -113,9 +114,10 @@ def rank_worker(depth: int, repeats: int) -> None:
     groups = [g for g in nanochat_param_groups(model) if g["kind"] == "muon"]
     split = MuonAdamW(groups, compile=False)
     alone = MuonAdamW(groups, compile=False, distributed=False)
-    times: dict[str, list[float]] = {"split": [], "alone": []}
+    fsdp = MuonAdamW([g for g in nanochat_param_groups(fully_sharded(depth)) if g["kind"] == "muon"], compile=False)
+    times: dict[str, list[float]] = {"split": [], "alone": [], "fsdp": []}
     for i in range(repeats + 1):
-        for name, opt in (("split", split), ("alone", alone)):
+        for name, opt in (("split", split), ("alone", alone), ("fsdp", fsdp)):
             dist.barrier()
             t0 = time.perf_counter()
             opt.step()
@@ -125,6 +127,24 @@ def rank_worker(depth: int, repeats: int) -> None:
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
     dist.destroy_process_group()
+
+
+def fully_sharded(depth: int) -> nn.Module:
+    """parameter_set(depth) with every decoder layer and the root under FSDP2, random DTensor gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = parameter_set(depth, vocab=256)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for p in model.parameters():
+        local = torch.randn_like(p.to_local()) * 1e-3
+        p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return model
 
 
 def two_ranks(depth: int, repeats: int) -> dict[str, float]:
@@ -204,7 +224,8 @@ def main() -> None:
         depth = args.depths[0]
         r = two_ranks(depth, args.repeats)
         print(f"d{depth} Muon step, 2 gloo ranks x 1 thread: per rank {r['split'] * 1e3:.0f} ms vs one rank doing "
-              f"all {r['alone'] * 1e3:.0f} ms = {r['split'] / r['alone']:.2f}x (goal ~0.5x, incl. all-gather)")
+              f"all {r['alone'] * 1e3:.0f} ms = {r['split'] / r['alone']:.2f}x (goal ~0.5x, incl. all-gather); "
+              f"FSDP2 row shards {r['fsdp'] * 1e3:.0f} ms = {r['fsdp'] / r['alone']:.2f}x (incl. 2 all-to-alls)")
     if not args.no_loss:
         train = copy_task_batches(args.loss_steps, 16, 64, 512, seed=0)
         val = copy_task_batches(8, 16, 64, 512, seed=1)

@@ -480,10 +480,12 @@ def _rank_world() -> tuple[int, int]:
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task: CoreTask, data: Sequence[dict], *, max_batch_tokens: int = 16384,
                   max_batch_rows: int = 64, items_per_chunk: int = 64, max_seq_len: int | None | str = "auto",
-                  progress: bool = False) -> TaskResult:
+                  progress: bool = False, split_ranks: bool = True) -> TaskResult:
     """Accuracy of `model` on the (already sampled) items of one task.
 
-    Ranks of a torch.distributed run take items r, r+W, ...; the per-item correctness is all-reduced.
+    Ranks of a torch.distributed run take items r, r+W, ...; the per-item correctness is all-reduced
+    (so every rank must call this). `split_ranks=False`: every rank scores every item, for models
+    whose forward is itself collective (FSDP: all ranks must run the same forwards).
     `max_seq_len="auto"` crops rows for models with limited positions (see `model_max_seq_len`).
     """
     if not data:
@@ -492,7 +494,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, data: Sequence[dict], *, max
     model.eval()
     crop = model_max_seq_len(model) if max_seq_len == "auto" else max_seq_len
     bos = bos_token_id(tokenizer)
-    rank, world = _rank_world()
+    rank, world = _rank_world() if split_ranks else (0, 1)
     mine = list(range(rank, len(data), world))
     correct = torch.zeros(len(data), dtype=torch.float32, device=next(model.parameters()).device)
     bar = None
@@ -529,7 +531,8 @@ def evaluate_core(model, tokenizer, bundle: CoreBundle | str | os.PathLike | Non
     """CORE over a bundle: {"core", "tasks": {label: {accuracy, centered, ...}}, "bundle": {...}}.
 
     `tasks` restricts to some labels; `max_per_task` subsamples like the original (500 during training);
-    `scoring` goes to `evaluate_task` (max_batch_tokens, max_batch_rows, max_seq_len).
+    `scoring` goes to `evaluate_task` (max_batch_tokens, max_batch_rows, max_seq_len, split_ranks).
+    Under torch.distributed every rank must call it (the items are split across ranks).
     """
     if not isinstance(bundle, CoreBundle):
         bundle = load_bundle(bundle)

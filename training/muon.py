@@ -32,8 +32,18 @@ Either way the parameters equal a single process stepping on the same global bat
 
 `state_dict()` always returns the full, unsharded state (collective: every rank must call it,
 which `accelerator.save_state` does) and `load_state_dict()` takes the full state and keeps this
-rank's share, so checkpoints resume on any world size. Not supported: FSDP/DTensor parameters
-(Muon needs whole matrices) and sparse gradients.
+rank's share, so checkpoints resume on any world size. Sparse gradients are not supported.
+
+FSDP2 (`fully_shard`, Accelerate's `fsdp_version: 2`). The parameters are DTensors whose rows are
+split across the ranks (`Shard(0)`, torch.chunk layout), and FSDP reduce-scatters averaged
+gradient rows into each shard. Muon needs whole matrices, so for a shape group of K matrices the
+ranks exchange rows with one all-to-all: rank r receives every rank's rows of the ceil(K/W)
+matrices it owns (the same ownership as above), runs steps 1-6 (`muon_direction`) on whole
+matrices, and a second all-to-all sends each rank the rows of the update that match its shard;
+step 7 (`cautious_update_`, elementwise) then runs on the local rows. Each rank moves about
+2·K·m·n/W values per group (an all-gather of the gradients would be K·m·n), Muon state stays with
+the owner (1/W of it per rank), and AdamW runs on the local shards with DTensor state, as torch's
+optimizers do under FSDP2. Meshes with more dimensions (HSDP) work along the sharded dimension.
 """
 
 from __future__ import annotations
@@ -47,11 +57,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as _fused_adamw_functional
 
+try:  # FSDP2 parameters are DTensors
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch built without distributed support
+    DTensor = Replicate = Shard = None
+
 __all__ = [
     "POLAR_EXPRESS_COEFFS",
     "MuonAdamW",
     "MuonAdamWFactory",
     "dmodel_lr_scale",
+    "cautious_update_",
+    "muon_direction",
     "muon_update_",
     "nanochat_param_groups",
     "polar_express",
@@ -123,8 +140,30 @@ def muon_update_(
             (group LR times the shape multiplier sqrt(max(1, m/n))).
         ns_steps: number of Polar Express steps (1..5).
         polar_dtype: dtype of the orthogonalization (bf16 on GPUs, fp32 elsewhere).
+
+    The same as `muon_direction` (steps 1-6, which need whole matrices) followed by
+    `cautious_update_` (step 7, elementwise: it also runs on row shards, as under FSDP).
     """
-    m, n = params.shape[-2], params.shape[-1]
+    lr_g = muon_direction(grads, momentum_buffer, second_moment, momentum_t, lr_t, beta2_t, ns_steps, polar_dtype)
+    cautious_update_(params, lr_g, lr_t, wd_t)
+
+
+def muon_direction(
+    grads: Tensor,
+    momentum_buffer: Tensor,
+    second_moment: Tensor,
+    momentum_t: Tensor,
+    lr_t: Tensor,
+    beta2_t: Tensor,
+    ns_steps: int,
+    polar_dtype: torch.dtype,
+) -> Tensor:
+    """Steps 1-6 of the Muon step: updates the buffers in place, returns lr * update (K, m, n) fp32.
+
+    Arguments as in `muon_update_`; every matrix must be whole (the orthogonalization and the
+    per-row/column statistics see all of it).
+    """
+    m, n = grads.shape[-2], grads.shape[-1]
     g = grads.float()
     mu = momentum_t.float()
     # 1. Nesterov momentum: M <- mu*M + (1-mu)*G ; g <- (1-mu)*G + mu*M.
@@ -156,12 +195,18 @@ def muon_update_(
         second_moment.copy_(vb)
     scale = vb.clamp_min(1e-10).rsqrt()
     v_norm_new = (v_mean * red_size * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    lr = lr_t.float()
-    lr_g = g * (plus * scale * (v_norm / v_norm_new.clamp_min(1e-10)) * lr)  # lr * final update
-    # 7. Cautious weight decay (only where the update and the weight agree in sign) + update:
-    # P <- P - lr*g - lr*wd*P*mask. (lr >= 0, so sign(lr*g) is sign(g); at lr == 0 nothing moves.)
+    return g * (plus * scale * (v_norm / v_norm_new.clamp_min(1e-10)) * lr_t.float())
+
+
+def cautious_update_(params: Tensor, lr_g: Tensor, lr_t: Tensor, wd_t: Tensor) -> None:
+    """Step 7: cautious weight decay (only where the update and the weight agree in sign) + update.
+
+    P <- P - lr*g - lr*wd*P*mask, with `lr_g` = lr*g from `muon_direction`. Elementwise, so any
+    row slice of (params, lr_g) gives that slice of the whole-matrix result. (lr >= 0, so
+    sign(lr*g) is sign(g); at lr == 0 nothing moves.)
+    """
     mask = (lr_g * params) >= 0
-    params.mul_(1 - (lr * wd_t.float()) * mask).sub_(lr_g)
+    params.mul_(1 - (lr_t.float() * wd_t.float()) * mask).sub_(lr_g)
 
 
 _COMPILED: dict[tuple[str, str], Callable] = {}
@@ -235,6 +280,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self._world_size = dist.get_world_size(process_group) if distributed else 1
         self._rank = dist.get_rank(process_group) if distributed else 0
         self._grad_sync = bool(grad_sync) and self._world_size > 1
+        self._sharded_muon: dict[int, Any] = {}  # per FSDP2 group index: the update all-to-all in flight
         self._polar_dtype = polar_dtype
         # Muon state per group index: (momentum (k, m, n), second moment) for this rank's k matrices.
         self._muon_buffers: dict[int, tuple[Tensor, Tensor]] = {}
@@ -301,11 +347,21 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sharded = {i for i, g in enumerate(self.param_groups) if g["kind"] == "muon" and _is_sharded(g["params"])}
+        if sharded and self._grad_sync:
+            raise ValueError("MuonAdamW: grad_sync=True is for unwrapped models; FSDP already averages the "
+                             "gradients of its DTensor parameters (leave grad_sync=False)")
         pending = self._launch_grad_sync() if self._grad_sync else {}
-        gathers = []
+        # FSDP2 groups: start moving every group's gradient rows to the matrices' owners at once
+        exchanges = {i: self._launch_row_exchange(i, self.param_groups[i]) for i in sorted(sharded)}
+        gathers, updates = [], []
         for index, group in enumerate(self.param_groups):
             if group["kind"] == "adamw":
                 self._step_adamw(group, pending.get(index))
+            elif index in sharded:
+                update = self._step_muon_sharded(index, group, exchanges[index])
+                if update is not None:
+                    updates.append(update)
             else:
                 gather = self._step_muon(index, group, pending.get(index))
                 if gather is not None:
@@ -313,12 +369,30 @@ class MuonAdamW(torch.optim.Optimizer):
         for work, full, params in gathers:
             work.wait()
             torch._foreach_copy_(params, list(full[: len(params)].unbind(0)))
+        for finish in updates:
+            finish()
         return loss
 
-    def _owned(self, k: int) -> tuple[int, int, int]:
+    def _comm(self, params: list[Tensor]) -> tuple[Any, int, int]:
+        """(process group, W, rank) that splits the Muon work of a group of these parameters.
+
+        Plain tensors: the optimizer's own group (W = 1 when not distributed). FSDP2 DTensors: the
+        mesh dimension their rows are sharded along (W = 1 when they are only replicated).
+        """
+        if not _is_sharded(params):
+            return self._process_group, self._world_size, self._rank
+        dim = _shard_mesh_dim(params[0])
+        if dim is None:
+            return None, 1, 0
+        mesh = params[0].device_mesh
+        return mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
+
+    def _owned(self, k: int, world: int | None = None, rank: int | None = None) -> tuple[int, int, int]:
         """(lo, hi, chunk): this rank owns matrices [lo, hi) of a K-matrix group, chunk = ceil(K/W)."""
-        chunk = -(-k // self._world_size)
-        lo = min(k, self._rank * chunk)
+        world = self._world_size if world is None else world
+        rank = self._rank if rank is None else rank
+        chunk = -(-k // world)
+        lo = min(k, rank * chunk)
         return lo, min(k, lo + chunk), chunk
 
     def _launch_grad_sync(self) -> dict[int, Any]:
@@ -362,10 +436,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif state["step"].device != p.device:  # e.g. a checkpoint loaded onto the CPU
                 state["step"] = state["step"].to(p.device)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            # FSDP2: the local shards (views: the kernel's in-place writes land in the DTensors)
+            params.append(_local(p))
+            grads.append(_local(p.grad))
+            exp_avgs.append(_local(state["exp_avg"]))
+            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
             steps.append(state["step"])
         if params:
             beta1, beta2 = group["betas"]
@@ -410,6 +485,94 @@ class MuonAdamW(torch.optim.Optimizer):
         work = dist.all_gather_into_tensor(full, mine, group=self._process_group, async_op=True)
         return work, full, params
 
+    def _launch_row_exchange(self, index: int, group: dict[str, Any]) -> tuple | None:
+        """FSDP2: send each owner this rank's gradient rows of its matrices (async all-to-all).
+
+        Layout: the send buffer is (W·chunk, rows, n), slot j holding this rank's rows (zero-padded
+        to rows = ceil(m/W)) of matrix j, so destination q gets slots [q·chunk, (q+1)·chunk): its
+        matrices. Returns (work, receive buffer, local row count), or None when nothing to step.
+        """
+        params: list[Tensor] = group["params"]
+        if not params or all(p.grad is None for p in params):
+            return None
+        pg, world, rank = self._comm(params)
+        label = group.get("name", f"group {index}")
+        m, n = params[0].shape
+        rows = -(-m // world)
+        mine = max(0, min(m, (rank + 1) * rows) - rank * rows)
+        for p in params:
+            local = _local(p)
+            if tuple(local.shape) != (mine, n):
+                raise ValueError(
+                    f"MuonAdamW {label}: a {m}x{n} parameter sharded {p.placements} holds rows of shape "
+                    f"{tuple(local.shape)} on rank {rank}, expected ({mine}, {n}) (torch.chunk rows over {world} "
+                    "ranks, as FSDP2's Shard(0)); other shardings are not supported"
+                )
+        p0 = _local(params[0])
+        _, _, chunk = self._owned(len(params), world, rank)
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        send = torch.zeros(world * chunk, rows, n, dtype=grads[0].dtype, device=p0.device)
+        for j, p in enumerate(params):
+            if p.grad is not None:
+                send[j, :mine].copy_(_local(p.grad))
+        if world == 1:
+            return None, send, mine
+        recv = torch.empty_like(send)
+        work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
+        return work, recv, mine
+
+    def _step_muon_sharded(self, index: int, group: dict[str, Any], exchange: tuple | None) -> Callable | None:
+        """FSDP2: Muon steps 1-6 on the owned whole matrices, rows of the update back to their shards.
+
+        Returns a callable that waits for the update's all-to-all and applies step 7 to the local
+        rows (run after the other groups, so the communication overlaps their compute).
+        """
+        if exchange is None:
+            return None
+        params: list[Tensor] = group["params"]
+        pg, world, rank = self._comm(params)
+        work, recv, mine = exchange
+        m, n = params[0].shape
+        rows = recv.shape[1]
+        lo, hi, chunk = self._owned(len(params), world, rank)
+        if work is not None:
+            work.wait()
+        # recv slot (j, i): rank j's rows of owned matrix i -> whole matrices (chunk, W·rows, n)
+        whole = recv.view(world, chunk, rows, n).transpose(0, 1).reshape(chunk, world * rows, n)[: hi - lo, :m]
+        momentum_buffer, second_moment = self._muon_state(index, params)
+        effective_lr = group["lr"] * _shape_lr_multiplier((m, n))
+        update = torch.zeros(chunk, world * rows, n, dtype=torch.float32, device=recv.device)
+        if hi > lo:
+            t = self._muon_t
+            t["momentum"].fill_(group["momentum"])
+            t["lr"].fill_(effective_lr)
+            t["beta2"].fill_(group["beta2"])
+            update[: hi - lo, :m] = _fused(muon_direction, self._backend)(
+                whole, momentum_buffer, second_moment, t["momentum"], t["lr"], t["beta2"], group["ns_steps"],
+                self._polar_dtype_for(params[0]),
+            )
+        # send slot (q, i): rank q's rows of owned matrix i; receive slot (j, i): my rows of rank j's i-th
+        send = update.view(chunk, world, rows, n).transpose(0, 1).contiguous()
+        if world == 1:
+            done, back = None, send
+        else:
+            back = torch.empty_like(send)
+            done = dist.all_to_all_single(back, send, group=pg, async_op=True)
+        # this group's own 0-d hyperparameters: the shared ones are refilled by the next group
+        lr_t = torch.tensor(effective_lr, dtype=torch.float32)
+        wd_t = torch.tensor(float(group["weight_decay"]), dtype=torch.float32)
+
+        def finish() -> None:
+            if done is not None:
+                done.wait()
+            lr_g = back.reshape(world * chunk, rows, n)[: len(params), :mine]
+            locals_ = [_local(p) for p in params]
+            stacked = torch.stack(locals_).float()
+            _fused(cautious_update_, self._backend)(stacked, lr_g, lr_t, wd_t)
+            torch._foreach_copy_(locals_, list(stacked.unbind(0)))
+
+        return finish
+
     def _polar_dtype_for(self, p: Tensor) -> torch.dtype:
         if self._polar_dtype is not None:
             return self._polar_dtype
@@ -420,7 +583,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon_state(self, index: int, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         """This rank's stacked Muon buffers for group `index`, created as zeros on first use."""
         if index not in self._muon_buffers:
-            lo, hi, _ = self._owned(len(params))
+            _, world, rank = self._comm(params)
+            lo, hi, _ = self._owned(len(params), world, rank)
             p0 = params[0]
             m, n = p0.shape
             kw = {"dtype": p0.dtype, "device": p0.device}
@@ -431,7 +595,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _bind_muon_state(self, index: int, params: list[Tensor], momentum: Tensor, second: Tensor) -> None:
         """Keep the stacked buffers and expose per-matrix views in `self.state` (owned matrices only)."""
-        lo, hi, _ = self._owned(len(params))
+        _, world, rank = self._comm(params)
+        lo, hi, _ = self._owned(len(params), world, rank)
         self._muon_buffers[index] = (momentum, second)
         for i, p in enumerate(params):
             if lo <= i < hi:
@@ -444,23 +609,24 @@ class MuonAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The full optimizer state, independent of the world size. Collective when distributed."""
         sd = super().state_dict()
-        if self._world_size == 1:
-            return sd
         for index, group in enumerate(self.param_groups):
             if group["kind"] != "muon" or index not in self._muon_buffers:
                 continue
+            pg, world, rank = self._comm(group["params"])
+            if world == 1:
+                continue
             k = len(group["params"])
-            momentum, second = (self._all_gather_chunks(b, k)[:k] for b in self._muon_buffers[index])
+            momentum, second = (self._all_gather_chunks(b, k, pg, world, rank)[:k] for b in self._muon_buffers[index])
             for j, packed_index in enumerate(sd["param_groups"][index]["params"]):
                 sd["state"][packed_index] = {"momentum_buffer": momentum[j], "second_momentum_buffer": second[j]}
         return sd
 
-    def _all_gather_chunks(self, local: Tensor, k: int) -> Tensor:
-        _, _, chunk = self._owned(k)
+    def _all_gather_chunks(self, local: Tensor, k: int, pg: Any, world: int, rank: int) -> Tensor:
+        _, _, chunk = self._owned(k, world, rank)
         padded = torch.zeros(chunk, *local.shape[1:], dtype=local.dtype, device=local.device)
         padded[: local.shape[0]].copy_(local)
-        full = torch.empty(chunk * self._world_size, *local.shape[1:], dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(full, padded, group=self._process_group)
+        full = torch.empty(chunk * world, *local.shape[1:], dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(full, padded, group=pg)
         return full
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -479,10 +645,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError(f"MuonAdamW.load_state_dict: Muon state is missing for some matrices of {label}")
             m, n = params[0].shape
             expected = ((m, n), (m, 1) if m >= n else (1, n))
-            lo, hi, _ = self._owned(len(params))
+            _, world, rank = self._comm(params)
+            lo, hi, _ = self._owned(len(params), world, rank)
             stacks = []
             for key, shape in zip(("momentum_buffer", "second_momentum_buffer"), expected):
-                entries = [self.state[p][key] for p in params]
+                # whole matrices; a checkpoint tool may hand them over as DTensors (gathered, collective)
+                entries = [_full(self.state[p][key]) for p in params]
                 bad = [tuple(e.shape) for e in entries if tuple(e.shape) != shape]
                 if bad:
                     raise ValueError(
@@ -491,8 +659,43 @@ class MuonAdamW(torch.optim.Optimizer):
                     )
                 owned = entries[lo:hi]
                 stacks.append(torch.stack(owned) if owned else torch.zeros(0, *shape, dtype=params[0].dtype,
-                                                                              device=params[0].device))
+                                                                              device=_local(params[0]).device))
             self._bind_muon_state(index, params, *stacks)
+
+
+def _is_dtensor(t: Tensor | None) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _is_sharded(params: list[Tensor]) -> bool:
+    """True for a group of DTensor parameters (FSDP2); mixing them with plain tensors is an error."""
+    kinds = {_is_dtensor(p) for p in params}
+    if len(kinds) > 1:
+        raise ValueError("MuonAdamW: a Muon shape group mixes DTensor (FSDP2) and plain parameters; "
+                         "shard the whole model with fully_shard (or none of it)")
+    return kinds == {True}
+
+
+def _shard_mesh_dim(p: Tensor) -> int | None:
+    """The mesh dimension a DTensor's rows are sharded along (None: replicated everywhere)."""
+    dims = [i for i, placement in enumerate(p.placements) if not isinstance(placement, Replicate)]
+    if not dims:
+        return None
+    if len(dims) > 1 or p.placements[dims[0]] != Shard(0):
+        raise ValueError(
+            f"MuonAdamW: a {tuple(p.shape)} DTensor parameter has placements {p.placements}; Muon supports "
+            "row sharding on one mesh dimension (FSDP2's Shard(0), optionally with Replicate, as in HSDP)"
+        )
+    return dims[0]
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: in-place writes reach the DTensor), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _validate_hyperparameters(label: str, group: dict[str, Any]) -> None:

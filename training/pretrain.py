@@ -218,6 +218,49 @@ class _ToDevice:
         self.loader.load_state_dict(state)
 
 
+class PerRankState:
+    """Checkpoints an object whose state differs between ranks (data position, the fetched batch).
+
+    `accelerator.save_state` calls `state_dict()` on every rank but writes only the main process's
+    result, so this gathers every rank's state into it ({"world_size", "ranks": [...]}, collective),
+    and `load_state_dict` gives each rank its own. Exact resume needs the same number of processes:
+    another count is refused with a clear error rather than silently feeding ranks the wrong data.
+    """
+
+    def __init__(self, obj, what: str):
+        self.obj, self.what = obj, what
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def state_dict(self) -> dict:
+        import torch.distributed as dist
+
+        state = self.obj.state_dict()
+        rank, world = self._rank_world()
+        states = [state]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, state)
+        return {"world_size": world, "ranks": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "ranks" not in state:  # written before per-rank states existed: one process's
+            state = {"world_size": 1, "ranks": [state]}
+        rank, world = self._rank_world()
+        if state["world_size"] != world:
+            raise ValueError(
+                f"--resume: the checkpoint's {self.what} was written by {state['world_size']} process(es), this run has "
+                f"{world}; an exact resume (each rank continuing its own data) needs the same number of processes"
+            )
+        self.obj.load_state_dict(state["ranks"][rank])
+
+
 @dataclass
 class LoopState:
     """Everything of the loop that a resume needs besides model, optimizer, RNG and data."""
@@ -317,6 +360,30 @@ def make_accelerator(cfg: PretrainConfig):
     return Accelerator(log_with=log_with, **kwargs)
 
 
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp_wrapping(accelerator, model) -> None:
+    """FSDP needs one dtype per sharded unit: bf16 embeddings must be units of their own."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            "pretraining with FSDP needs fsdp_version: 2 in the Accelerate config (MuonAdamW works on FSDP2's "
+            "row-sharded DTensor parameters; FSDP1 flattens them); see accelerate_configs/gpu_8_fsdp.yaml"
+        )
+    dtypes = {p.dtype for p in model.parameters()}
+    wrapped = {name.strip() for name in (plugin.transformer_cls_names_to_wrap or [])}
+    if len(dtypes) > 1 and "Embedding" not in wrapped:
+        raise ValueError(
+            f"FSDP: the model holds {sorted(map(str, dtypes))} parameters (bf16 embeddings, spec §1.7) and FSDP needs "
+            "one dtype per unit; add Embedding to fsdp_transformer_layer_cls_to_wrap (e.g. "
+            "'NanoChatDecoderLayer,Embedding', as accelerate_configs/gpu_8_fsdp.yaml) or set mixed_precision"
+        )
+
+
 def run(cfg: PretrainConfig) -> dict:
     """Train, evaluate, checkpoint and save; returns a summary dict (also written as summary.json)."""
     from transformers import set_seed
@@ -335,6 +402,9 @@ def run(cfg: PretrainConfig) -> dict:
         split_shards(list_parquet_shards(cfg.data), "train")
     accelerator = make_accelerator(cfg)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    # FSDP2: parameters are row-sharded DTensors; every forward is collective, so evaluation,
+    # sampling and the final save run on all ranks (see MuonAdamW for the optimizer side)
+    fsdp = is_fsdp(accelerator)
     set_seed(cfg.seed)
     bos_id = tokenizer.convert_tokens_to_ids("<|bos|>")
     specials = {"bos_token_id": bos_id, "eos_token_id": tokenizer.convert_tokens_to_ids("<|assistant_end|>"),
@@ -354,9 +424,12 @@ def run(cfg: PretrainConfig) -> dict:
     model = NanoChatForCausalLM(config)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         torch.backends.cuda.matmul.allow_tf32 = True
-        model.model.embed_tokens.to(torch.bfloat16)
-        for ve in model.model.value_embeds.values():
-            ve.to(torch.bfloat16)
+        if not fsdp or accelerator.mixed_precision == "no":  # FSDP + mixed precision: its policy casts
+            model.model.embed_tokens.to(torch.bfloat16)
+            for ve in model.model.value_embeds.values():
+                ve.to(torch.bfloat16)
+    if fsdp:
+        check_fsdp_wrapping(accelerator, model)
     model.to(device)
     groups = nanochat_param_groups(
         model, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr, matrix_lr=cfg.matrix_lr,
@@ -371,7 +444,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.compile == "yes" or (cfg.compile == "auto" and device.type == "cuda"):
         train_model = torch.compile(model, dynamic=False)
     loop = LoopState()
-    accelerator.register_for_checkpointing(train_loader, loop)
+    accelerator.register_for_checkpointing(PerRankState(train_loader, "data loader"), PerRankState(loop, "loop state"))
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -399,7 +472,8 @@ def run(cfg: PretrainConfig) -> dict:
     core_bundle = None
 
     def core_metric() -> dict:
-        """CORE on the uncompiled model in the compute dtype (spec §6.9), on the main process."""
+        """CORE on the uncompiled model in the compute dtype (spec §6.9), on every rank: items split
+        across ranks (DDP), or every rank scoring every item in lockstep (FSDP's forwards are collective)."""
         nonlocal core_bundle
         from eval.cli import resolve_bundle
         from eval.core import evaluate_core
@@ -407,7 +481,8 @@ def run(cfg: PretrainConfig) -> dict:
         core_bundle = core_bundle or resolve_bundle(cfg.core_bundle)
         with fp8_disabled(raw_model):
             raw_model.eval()
-            result = evaluate_core(raw_model, tokenizer, core_bundle, max_per_task=cfg.core_metric_max_per_task)
+            result = evaluate_core(raw_model, tokenizer, core_bundle, max_per_task=cfg.core_metric_max_per_task,
+                                   split_ranks=not fsdp)
             raw_model.train()
         return result
 
@@ -418,7 +493,8 @@ def run(cfg: PretrainConfig) -> dict:
             for prompt in SAMPLE_PROMPTS:
                 ids = torch.tensor([[bos_id, *encode_texts(tokenizer, [prompt])[0]]], device=device)
                 gen = raw_model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                         pad_token_id=bos_id, attention_mask=torch.ones_like(ids))
+                                         pad_token_id=bos_id, attention_mask=torch.ones_like(ids),
+                                         synced_gpus=fsdp)
                 outs.append(prompt + tokenizer.decode(gen[0, ids.shape[1]:].tolist()))
             raw_model.train()
         return outs
@@ -447,14 +523,14 @@ def run(cfg: PretrainConfig) -> dict:
             accelerator.print(f"step {step:05d} | val bpb {bpb:.4f}")
             accelerator.log({"val/bpb": bpb, "step": step}, step=step)
             loop.history.append({"step": step, "val_bpb": bpb})
-        if accelerator.is_main_process and cfg.core_metric_every > 0 and (
-                last or (step > 0 and step % cfg.core_metric_every == 0)):
+        if cfg.core_metric_every > 0 and (last or (step > 0 and step % cfg.core_metric_every == 0)):
             core = core_metric()
             centered = {label: r["centered"] for label, r in core["tasks"].items()}
             accelerator.print(f"step {step:05d} | CORE metric {core['core']:.4f} ({core['bundle'].get('name', 'CORE')})")
             accelerator.log({"core_metric": core["core"], **{f"centered/{k}": v for k, v in centered.items()}}, step=step)
             loop.history.append({"step": step, "core_metric": core["core"], "centered_results": centered})
-        if accelerator.is_main_process and (last or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+        if (accelerator.is_main_process or fsdp) and (
+                last or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             for text in sample():
                 accelerator.print(f"  sample: {text!r}")
         if last:
@@ -508,9 +584,12 @@ def run(cfg: PretrainConfig) -> dict:
     summary = {"step": loop.step, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb,
                "total_training_time": loop.total_training_time, "plan": asdict(plan), "config": asdict(cfg),
                "history": loop.history}
+    with fp8_disabled(raw_model):
+        # the full weights: gathered from the shards under FSDP (collective), the model's own otherwise
+        full_state = accelerator.get_state_dict(model) if fsdp else None
+        if accelerator.is_main_process:
+            raw_model.save_pretrained(out_dir, state_dict=full_state)
     if accelerator.is_main_process:
-        with fp8_disabled(raw_model):
-            raw_model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         accelerator.print(f"saved {out_dir} | min val bpb {loop.min_val_bpb:.4f} | "

@@ -9,7 +9,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "accelerate_configs").gl
 EXPECTED = {
     "cpu": ("NO", 1), "cpu_2proc": ("MULTI_GPU", 2), "gpu_1": ("NO", 1), "gpu_8_ddp": ("MULTI_GPU", 8),
     "gpu_8_fp8_torchao": ("MULTI_GPU", 8), "gpu_8_fp8_te": ("MULTI_GPU", 8), "gpu_8_fsdp": ("FSDP", 8),
-    "multi_node": ("MULTI_GPU", 16),
+    "multi_node": ("MULTI_GPU", 16), "cpu_2proc_fsdp": ("FSDP", 2),
 }
 
 

@@ -3,8 +3,10 @@
 pytest runs the 1-process reference, then launches this same file under torchrun with 2 CPU
 processes (`ACCELERATE_USE_CPU=1`, as Accelerate needs on CPU). The workers train with
 Accelerate's DDP (gradients averaged by DDP, Muon work split across ranks) and in `grad_sync`
-mode (no DDP; the optimizer reduce-scatters gradients itself), and check checkpoint resume across
-world sizes. Rank 0 writes what it saw; the test compares.
+mode (no DDP; the optimizer reduce-scatters gradients itself), and under FSDP2 (`fully_shard`:
+DTensor parameters, rows exchanged by all-to-all), and check checkpoint resume across world sizes
+(FSDP2 through torch.distributed.checkpoint's state-dict API, as Accelerate saves it). Rank 0
+writes what it saw; the test compares.
 """
 
 from __future__ import annotations
@@ -60,6 +62,30 @@ def params_of(model) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------- worker
 
+try:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    FULL = StateDictOptions(full_state_dict=True)
+except ImportError:  # torch without distributed
+    pass
+
+
+def fully_sharded(model):
+    """FSDP2 on the CPU mesh of all ranks: each decoder layer, then the root; then the optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, make_optimizer(model)
+
+
 
 def worker(outdir: Path) -> None:
     import io
@@ -111,6 +137,21 @@ def worker(outdir: Path) -> None:
     step(model, opt, data[STEPS])
     out["from_1rank_step4"] = params_of(model)
 
+    # 4. FSDP2: every decoder layer and the root sharded by rows; gradients averaged by FSDP.
+    fsdp_model, fsdp_opt = fully_sharded(tiny_model())
+    for x in data[:STEPS]:
+        step(fsdp_model, fsdp_opt, x)
+    out["fsdp_sharded"] = all(p.to_local().shape[0] < p.shape[0] for p in fsdp_model.parameters() if p.shape[0] > 1)
+    out["fsdp_params"] = [p.full_tensor() for p in fsdp_model.parameters()]
+    out["fsdp_state"] = get_optimizer_state_dict(fsdp_model, fsdp_opt, options=FULL)  # collective
+    # resume the 1-process reference's step-3 state (FQN-keyed, full) into a sharded run
+    model = tiny_model()
+    model.load_state_dict(ref["model"])
+    fsdp_model, fsdp_opt = fully_sharded(model)
+    set_optimizer_state_dict(fsdp_model, fsdp_opt, ref["optimizer_fqn"], options=FULL)
+    step(fsdp_model, fsdp_opt, data[STEPS])
+    out["fsdp_from_1rank_step4"] = [p.full_tensor() for p in fsdp_model.parameters()]
+
     if rank == 0:
         torch.save(out, outdir / "rank0.pt")
     dist.barrier()
@@ -126,7 +167,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for x in data[:STEPS]:
         step(model, opt, x)
     step3, state3 = params_of(model), copy.deepcopy(opt.state_dict())  # state_dict() holds live references
-    torch.save({"model": model.state_dict(), "optimizer": state3}, tmp_path / "reference_step3.pt")
+    state3_fqn = copy.deepcopy(get_optimizer_state_dict(model, opt, options=FULL))  # keyed by parameter name
+    torch.save({"model": model.state_dict(), "optimizer": state3, "optimizer_fqn": state3_fqn},
+               tmp_path / "reference_step3.pt")
     step(model, opt, data[STEPS])
     step4 = params_of(model)
 
@@ -149,6 +192,18 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for name, ours, ref in zip(names, out["from_1rank_step4"], step4):
         torch.testing.assert_close(ours, ref, **close, msg=lambda s, n=name: f"resumed {n}: {s}")
     assert out["resume_2rank_bitwise"]
+    assert out["fsdp_sharded"]  # FSDP2 really split the rows (every parameter with more than one row)
+    for name, ours, ref in zip(names, out["fsdp_params"], step3):
+        torch.testing.assert_close(ours, ref, **close, msg=lambda s, n=name: f"FSDP2 {n}: {s}")
+    for name, ours, ref in zip(names, out["fsdp_from_1rank_step4"], step4):
+        torch.testing.assert_close(ours, ref, **close, msg=lambda s, n=name: f"FSDP2 resumed {n}: {s}")
+    # the FSDP2 run's full (gathered) optimizer state == the 1-process state, parameter by parameter
+    fsdp_state = out["fsdp_state"]["state"]
+    assert fsdp_state.keys() == state3_fqn["state"].keys()
+    for name, entry in state3_fqn["state"].items():
+        assert fsdp_state[name].keys() == entry.keys(), name
+        for key, value in entry.items():
+            torch.testing.assert_close(fsdp_state[name][key], value, **close, msg=lambda s, n=name, k=key: f"{n} {k}: {s}")
     # the gathered (full) state of 2 ranks == the 1-process state, key by key
     assert out["ddp_state"]["state"].keys() == state3["state"].keys()
     for index, entry in state3["state"].items():

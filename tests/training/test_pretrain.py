@@ -1,4 +1,4 @@
-"""Pretraining: a real run on the embedded corpus, exact resume after SIGKILL, 2-process DDP, FP8 on CPU."""
+"""Pretraining: a real run on the embedded corpus, exact resume after SIGKILL, 2-process DDP and FSDP2, FP8 on CPU."""
 
 from __future__ import annotations
 
@@ -39,10 +39,25 @@ def base_args(corpus: Path, out: Path, *extra: str) -> list[str]:
             "--sample-every", "-1", "--log-every", "1000", "--warmup-steps", "2", "--core-metric-every", "-1", *extra]
 
 
-def launch(args: list[str], *, processes: int = 1, wait: bool = True, log: Path | None = None):
+def launch(args: list[str], *, processes: int = 1, wait: bool = True, log: Path | None = None,
+           fsdp_config: str | None = None, gpu: bool = False):
+    """`python -m training.pretrain`, or `accelerate launch` with `processes` CPU processes (gloo).
+
+    `fsdp_config`: an accelerate_configs/ file; on the CPU launched through tests/training/fsdp_on_cpu.py,
+    which lets Accelerate's FSDP2 path run on CPU processes (Accelerate only enables it on
+    accelerators); with `gpu`, a plain `accelerate launch` of it on the GPUs.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if processes == 1:
+    if fsdp_config is not None and gpu:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / fsdp_config),
+               "--num_processes", str(processes), "--main_process_port", "29535", "-m", "training.pretrain", *args]
+    elif fsdp_config is not None:
+        env |= {"ACCELERATE_USE_CPU": "1", "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / fsdp_config),
+               "--num_processes", str(processes), "--main_process_port", "29534",
+               str(REPO / "tests/training/fsdp_on_cpu.py"), "training.pretrain", *args]
+    elif processes == 1:
         cmd = [sys.executable, "-m", "training.pretrain", *args]
     else:
         env["ACCELERATE_USE_CPU"] = "1"
@@ -101,14 +116,30 @@ def test_resume_after_sigkill_is_bitwise_identical(corpus, tmp_path):
     assert not list((killed / "checkpoints").glob("*.tmp"))
 
 
-def test_two_process_ddp_matches_single_process(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def single_process_run(corpus, tmp_path_factory):
+    """The 1-process reference for the 2-process runs: same global batch through 2 accumulation steps."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    launch(base_args(corpus, out, *DISTRIBUTED_ARGS))
+    return out
+
+
+# 6 steps, val bpb at 0/3/6, CORE at the end (subset, 11 items per task: 10-shot needs 11), a checkpoint at step 3.
+# Replicated packing: every rank packs the same global batch and keeps its rows, so the data does
+# not depend on the number of processes.
+DISTRIBUTED_ARGS = ("--num-iterations", "6", "--eval-every", "3", "--data-sharding", "replicated", "--save-every", "3",
+                    "--core-metric-every", "6", "--core-metric-max-per-task", "11", "--core-bundle", "subset")
+
+
+def test_two_process_ddp_matches_single_process(corpus, single_process_run, tmp_path):
     # Same global batch: 1 process x 2 accumulation steps == 2 processes x 1 step (replicated packing).
-    single, double = tmp_path / "single", tmp_path / "double"
-    common = ("--num-iterations", "6", "--eval-every", "3", "--data-sharding", "replicated")
-    launch(base_args(corpus, single, *common))
-    launch(base_args(corpus, double, *common), processes=2)
+    single, double = single_process_run, tmp_path / "double"
+    launch(base_args(corpus, double, *DISTRIBUTED_ARGS), processes=2)
     h1, h2 = history(single), history(double)
     assert [h["step"] for h in h1] == [h["step"] for h in h2]
+    # CORE's items were split across the 2 ranks and the results all-reduced: the same scores
+    core1, core2 = ([h["core_metric"] for h in hist if "core_metric" in h] for hist in (h1, h2))
+    assert len(core1) == 1 and core2 == pytest.approx(core1, abs=1e-9)
     # (the logged train loss is the last micro-step's on rank 0, as the original: different rows here)
     bpb1, bpb2 = [h["val_bpb"] for h in h1 if "val_bpb" in h], [h["val_bpb"] for h in h2 if "val_bpb" in h]
     assert len(bpb1) == 3 and bpb1[-1] < bpb1[0]
@@ -116,6 +147,61 @@ def test_two_process_ddp_matches_single_process(corpus, tmp_path):
     a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
     for k in a:  # tolerance: gloo all-reduce sums in another order than one process's accumulation
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_two_process_fsdp2_matches_single_process_and_resumes_bitwise(corpus, single_process_run, tmp_path):
+    """Accelerate's FSDP2 (row-sharded DTensor parameters; MuonAdamW exchanging rows by all-to-all)
+    == 1 process; its sharded checkpoint (torch.distributed.checkpoint) resumes bitwise."""
+    single, fsdp, resumed = single_process_run, tmp_path / "fsdp", tmp_path / "resumed"
+    launch(base_args(corpus, fsdp, *DISTRIBUTED_ARGS), processes=2, fsdp_config="accelerate_configs/cpu_2proc_fsdp.yaml")
+    step3 = fsdp / "checkpoints" / "step-000003"
+    assert (step3 / "pytorch_model_fsdp_0").is_dir() and (step3 / "optimizer_0").is_dir()  # sharded (DCP) state
+    h1, h2 = history(single), history(fsdp)
+    bpb1, bpb2 = [h["val_bpb"] for h in h1 if "val_bpb" in h], [h["val_bpb"] for h in h2 if "val_bpb" in h]
+    assert len(bpb1) == 3 and bpb2 == pytest.approx(bpb1, rel=1e-5)
+    core1, core2 = ([h["core_metric"] for h in hist if "core_metric" in h] for hist in (h1, h2))
+    assert len(core2) == 1 and core2 == pytest.approx(core1, abs=1e-9)  # every rank scored every item in lockstep
+    a, b = load_file(single / "model.safetensors"), load_file(fsdp / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # the final save gathered the shards into whole tensors
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+
+    launch(base_args(corpus, resumed, *DISTRIBUTED_ARGS, "--resume", str(step3)), processes=2,
+           fsdp_config="accelerate_configs/cpu_2proc_fsdp.yaml")
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "dt"} for h in hist]  # noqa: E731 (timings differ)
+    assert strip(history(resumed)) == strip(h2)  # each rank got back its own data position and batch
+    c = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_resume_needs_the_same_number_of_processes():
+    state = P.PerRankState(P.LoopState(step=7), "loop state")
+    saved = state.state_dict()
+    assert saved["world_size"] == 1 and saved["ranks"][0]["step"] == 7
+    other = P.LoopState()
+    P.PerRankState(other, "loop state").load_state_dict(saved)
+    assert other.step == 7
+    P.PerRankState(other, "loop state").load_state_dict({**saved["ranks"][0], "step": 9})  # older, unwrapped format
+    assert other.step == 9
+    with pytest.raises(ValueError, match="written by 2 process.*this run has 1"):
+        P.PerRankState(other, "loop state").load_state_dict({"world_size": 2, "ranks": [saved["ranks"][0]] * 2})
+
+
+def test_fsdp_setup_errors():
+    from types import SimpleNamespace
+
+    def accelerator(version, wrap):
+        plugin = SimpleNamespace(fsdp_version=version, transformer_cls_names_to_wrap=wrap)
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+
+    fp32 = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 2))
+    mixed = torch.nn.Sequential(torch.nn.Embedding(4, 2).to(torch.bfloat16), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        P.check_fsdp_wrapping(accelerator(1, ["NanoChatDecoderLayer"]), fp32)
+    with pytest.raises(ValueError, match="add Embedding to fsdp_transformer_layer_cls_to_wrap"):
+        P.check_fsdp_wrapping(accelerator(2, ["NanoChatDecoderLayer"]), mixed)
+    P.check_fsdp_wrapping(accelerator(2, ["NanoChatDecoderLayer"]), fp32)
+    P.check_fsdp_wrapping(accelerator(2, ["NanoChatDecoderLayer", "Embedding"]), mixed)
 
 
 def test_fp8_filter_and_eval_swap():
@@ -221,3 +307,19 @@ def test_gpu_run_compiles_with_bf16_embeddings(corpus, tmp_path):
     assert evals[-1] < evals[0]
     weights = load_file(out / "model.safetensors")
     assert weights["model.embed_tokens.weight"].dtype == torch.bfloat16  # nanochat's dtype policy on CUDA
+
+
+@pytest.mark.gpu
+def test_gpu_fsdp2_run_with_bf16_embeddings(corpus, tmp_path):
+    """accelerate_configs/gpu_8_fsdp.yaml on the GPUs there are (up to 2): bf16 embeddings as their own
+    FSDP units, compiled model, sharded checkpoint, gathered HF save."""
+    processes = min(2, torch.cuda.device_count())
+    out = tmp_path / "fsdp"
+    launch(base_args(corpus, out, "--num-iterations", "6", "--eval-every", "3", "--save-every", "3", "--compile", "yes"),
+           processes=processes, fsdp_config="accelerate_configs/gpu_8_fsdp.yaml", gpu=True)
+    evals = [h["val_bpb"] for h in history(out) if "val_bpb" in h]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert (out / "checkpoints" / "step-000003" / "pytorch_model_fsdp_0").is_dir()
+    weights = load_file(out / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert weights["model.layers.0.mlp.fc1.weight"].dtype == torch.float32

@@ -294,7 +294,8 @@ class NanoChatSFTTrainer(SFTTrainer):
 
 
 class ChatCoreCallback(TrainerCallback):
-    """ChatCORE (subset) every `chatcore_every` steps and at the last step (spec §7.6), on process zero.
+    """ChatCORE (subset) every `chatcore_every` steps and at the last step (spec §7.6), on every process:
+    the problems are split across ranks and the results all-reduced (so all ranks must take part).
 
     Results go into the trainer's log history (`chatcore`, `chatcore_cat`, `chatcore/<task>` accuracies) and
     through `log` to the trackers. With LoRA, the base model with its adapter layers active is evaluated.
@@ -306,7 +307,7 @@ class ChatCoreCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         every = self.cfg.chatcore_every
         last = state.global_step >= state.max_steps
-        if every <= 0 or not (last or state.global_step % every == 0) or not self.trainer.is_world_process_zero():
+        if every <= 0 or not (last or state.global_step % every == 0):
             return control
         from eval.chat import LocalChat, evaluate_chatcore
 

@@ -55,6 +55,35 @@ def test_nanochat_sft_then_rl_on_a_pretrained_base(pretrained):
     assert (rl_dir / "model.safetensors").is_file() and (rl_dir / "tokenizer.json").is_file()
 
 
+def test_two_process_sft_with_chatcore(pretrained, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): SFT with ChatCORE during training, whose problems are
+    split across the ranks and all-reduced; the logged accuracies equal one process evaluating the saved model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.chat import LocalChat, evaluate_chatcore
+
+    out = tmp_path / "sft2"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env |= {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    tasks = "ARC-Easy|SpellingBee"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29536",
+           "-m", "training.sft", "--base", str(pretrained / "base"), "--output_dir", str(out), "--mixture", "demo",
+           "--max_conversations", "48", "--max_steps", "2", "--device_batch_size", "1", "--eval_strategy", "no",
+           "--use_cpu", "true", "--disable_tqdm", "true", "--chatcore_every", "2", "--chatcore_max_problems", "6",
+           "--chatcore_tasks", tasks, "--chatcore_max_new_tokens", "8"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    logged = [h for h in summary["history"] if "chatcore/ARC-Easy" in h]
+    assert [h["step"] for h in logged] == [2]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    single = evaluate_chatcore(LocalChat(model, AutoTokenizer.from_pretrained(out), 8), tasks.split("|"),
+                               max_problems=6, max_new_tokens=8)
+    for name, result in single["tasks"].items():
+        assert logged[0][f"chatcore/{name}"] == pytest.approx(result["accuracy"], abs=1e-9), name
+
+
 def test_cli_lists_the_stages_and_reports_bad_flags(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out

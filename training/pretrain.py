@@ -141,30 +141,27 @@ def fp8_module_filter(module: torch.nn.Module, name: str) -> bool:
 
 @contextmanager
 def fp8_disabled(model: torch.nn.Module):
-    """Evaluate in the compute dtype: swap torchao Float8Linear modules for plain Linears sharing weights."""
-    swapped = []
+    """Evaluate in the compute dtype: torchao's Float8Linear modules act as plain Linears meanwhile.
+
+    The modules stay in place and only their class changes (to NanoChatLinear, whose forward is
+    F.linear in the input's dtype), so wrappers holding them keep working: FSDP2 swaps the gathered
+    weights into these very module objects.
+    """
     try:
         from torchao.float8.float8_linear import Float8Linear
     except Exception:  # torchao absent: nothing to swap
-        Float8Linear = ()
-    if Float8Linear:
-        from modeling_nanochat.modeling_nanochat import NanoChatLinear
+        yield model
+        return
+    from modeling_nanochat.modeling_nanochat import NanoChatLinear
 
-        for parent in model.modules():
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, Float8Linear):
-                    plain = NanoChatLinear.__new__(NanoChatLinear)
-                    torch.nn.Module.__init__(plain)
-                    plain.in_features, plain.out_features = child.in_features, child.out_features
-                    plain.weight = child.weight
-                    plain.register_parameter("bias", None)
-                    setattr(parent, child_name, plain)
-                    swapped.append((parent, child_name, child))
+    swapped = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    for module in swapped:
+        module.__class__ = NanoChatLinear
     try:
         yield model
     finally:
-        for parent, child_name, child in swapped:
-            setattr(parent, child_name, child)
+        for module in swapped:
+            module.__class__ = Float8Linear
 
 
 class ReplicatedLoader:
@@ -340,8 +337,8 @@ def make_accelerator(cfg: PretrainConfig):
     kwargs = {}
     if cfg.fp8:
         # FP8 all-gather of weights only pays off under FSDP; elsewhere it turns the weights into tensor
-        # subclasses that safetensors cannot save
-        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        # subclasses that safetensors cannot save. NCCL only: gloo (CPU) has no float8 collectives.
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and torch.cuda.is_available()
         handler = (AORecipeKwargs(module_filter_func=fp8_module_filter, enable_fsdp_float8_all_gather=fsdp)
                    if cfg.fp8_backend == "ao" else TERecipeKwargs())
         kwargs = {"mixed_precision": "fp8", "kwargs_handlers": [handler]}

@@ -231,12 +231,17 @@ def test_fp8_filter_and_eval_swap():
     assert any(isinstance(m, Float8Linear) for m in model.modules())  # restored afterwards
 
 
-def test_fp8_run_on_cpu(corpus, tmp_path):
+@pytest.mark.parametrize("topology", ["1 process", "FSDP2 x 2"])
+def test_fp8_run_on_cpu(corpus, tmp_path, topology):
     pytest.importorskip("torchao")
     out = tmp_path / "fp8"
+    fsdp = topology.startswith("FSDP")
     launch(base_args(corpus, out, "--num-iterations", "2", "--eval-every", "-1", "--fp8", "true", "--depth", "2",
                      "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "16", "--device-batch-size", "1",
-                     "--total-batch-size", "16", "--eval-tokens", "16"))
+                     "--total-batch-size", "32" if fsdp else "16", "--eval-tokens", "16"),
+           processes=2 if fsdp else 1, fsdp_config="accelerate_configs/cpu_2proc_fsdp.yaml" if fsdp else None)
+    # the final evaluation ran with the Float8Linear modules acting as plain Linears (under FSDP too)
+    assert all(0 < h["val_bpb"] < 20 for h in history(out) if "val_bpb" in h)
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history(out) if "train_loss" in h)
     weights = load_file(out / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" in weights  # saved as a plain model

@@ -168,12 +168,40 @@ class NanoChatSFTSchedule(torch.optim.lr_scheduler.LambdaLR):
 
 # --------------------------------------------------------------------------- optimizer
 def latest_optimizer_state(base: str | Path) -> Path | None:
-    """`optimizer.bin` of the base run's last complete checkpoint (training.pretrain's layout), or None."""
+    """The optimizer state of the base run's last complete checkpoint (training.pretrain's layout), or None:
+    `optimizer.bin` (1 process / DDP) or the `optimizer_0` folder of an FSDP run (torch.distributed.checkpoint)."""
     from training.pretrain import complete_checkpoints
 
     done = complete_checkpoints(Path(base) / "checkpoints")
-    path = done[-1] / "optimizer.bin" if done else None
-    return path if path is not None and path.exists() else None
+    if not done:
+        return None
+    return next((p for p in (done[-1] / "optimizer.bin", done[-1] / "optimizer_0") if p.exists()), None)
+
+
+def load_optimizer_state(path: str | Path) -> dict[str, Any]:
+    """A full optimizer state in torch's format ({"state": {index: ...}, "param_groups": [...]}) from
+    `optimizer.bin` or from an FSDP run's sharded `optimizer_0` folder (gathered into whole tensors; that
+    format keys states and group members by parameter name, which become positions in group order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp, "optimizer.pt"))
+        saved = torch.load(Path(tmp, "optimizer.pt"), map_location="cpu", weights_only=True).get("optimizer", {})
+    if not isinstance(saved.get("param_groups"), list) or not isinstance(saved.get("state"), dict):
+        raise ValueError(f"optimizer state {path}: not an optimizer checkpoint written by training.pretrain under FSDP")
+    position: dict[str, int] = {}
+    groups = []
+    for group in saved["param_groups"]:
+        groups.append({**group, "params": [position.setdefault(name, len(position)) for name in group["params"]]})
+    unknown = sorted(set(saved["state"]) - set(position))
+    if unknown:
+        raise ValueError(f"optimizer state {path}: state for parameters in no group: {unknown[:3]}")
+    return {"state": {position[name]: entry for name, entry in saved["state"].items()}, "param_groups": groups}
 
 
 class SFTOptimizerFactory(MuonAdamWFactory):
@@ -189,7 +217,7 @@ class SFTOptimizerFactory(MuonAdamWFactory):
         optimizer = super().__call__(model, **kwargs)
         fresh = [group["lr"] for group in optimizer.param_groups]
         if optimizer_state is not None:
-            state = torch.load(optimizer_state, map_location="cpu", weights_only=True)
+            state = load_optimizer_state(optimizer_state)
             names = [g.get("name") for g in optimizer.param_groups]
             saved = [g.get("name") for g in state.get("param_groups", [])]
             if names != saved:

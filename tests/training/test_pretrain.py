@@ -166,6 +166,19 @@ def test_two_process_fsdp2_matches_single_process_and_resumes_bitwise(corpus, si
     for k in a:  # the final save gathered the shards into whole tensors
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
 
+    # the sharded optimizer state, gathered for SFT (training.sft loads a base run's momenta), == 1 process's
+    from training.sft import latest_optimizer_state, load_optimizer_state
+
+    path1, path2 = latest_optimizer_state(single), latest_optimizer_state(fsdp)
+    assert path1.name == "optimizer.bin" and path2.name == "optimizer_0"
+    o1, o2 = load_optimizer_state(path1), load_optimizer_state(path2)
+    assert [g["name"] for g in o2["param_groups"]] == [g["name"] for g in o1["param_groups"]]
+    assert [g["params"] for g in o2["param_groups"]] == [g["params"] for g in o1["param_groups"]]
+    assert o2["state"].keys() == o1["state"].keys()
+    for index, entry in o1["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(o2["state"][index][key], value, atol=2e-5, rtol=1e-4, msg=f"{index} {key}")
+
     launch(base_args(corpus, resumed, *DISTRIBUTED_ARGS, "--resume", str(step3)), processes=2,
            fsdp_config="accelerate_configs/cpu_2proc_fsdp.yaml")
     strip = lambda hist: [{k: v for k, v in h.items() if k != "dt"} for h in hist]  # noqa: E731 (timings differ)

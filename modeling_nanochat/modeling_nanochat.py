@@ -677,6 +677,21 @@ class NanoChatModel(NanoChatPreTrainedModel):
 
 
 # --------------------------------------------------------------------------- causal LM
+def _unshard_sharded_head(model: nn.Module, args) -> None:
+    """Gather an FSDP2-sharded head at the start of every forward.
+
+    Accelerate's FSDP2 makes `lm_head` a unit of its own, gathered by *its* forward hook. TRL's
+    trainers never call the head: they multiply the backbone's output by `lm_head.weight`, which
+    is then still sharded; TRL's fallback (`full_tensor()`) gives every rank only its own rows of
+    its own gradient, unaveraged. Gathered here, the weight is the ordinary unsharded parameter
+    and FSDP reduce-scatters its gradient like any other (the unit is not resharded until then).
+    Without FSDP (no `unshard` method) this does nothing.
+    """
+    unshard = getattr(model.lm_head, "unshard", None)
+    if unshard is not None:
+        unshard()
+
+
 class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
     """NanoChat with its untied head: logits over the first `vocab_size` rows, fp32, softcapped."""
 
@@ -689,6 +704,7 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         with no_init_weights():
             self.lm_head = NanoChatLinear(config.hidden_size, config.padded_vocab_size)
         self.post_init()
+        self.register_forward_pre_hook(_unshard_sharded_head)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -298,6 +298,7 @@ class MuonAdamW(torch.optim.Optimizer):
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * n_muon + 8)
         # 0-d CPU tensors: their *values* change between steps, the compiled graph does not.
         self._muon_t = {k: torch.tensor(0.0, dtype=torch.float32) for k in ("momentum", "lr", "wd", "beta2")}
+        self._params_seen = self._flat_params()
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -343,6 +344,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that has a gradient. Collective when distributed."""
+        self._follow_param_swap()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -437,6 +439,12 @@ class MuonAdamW(torch.optim.Optimizer):
             elif state["step"].device != p.device:  # e.g. a checkpoint loaded onto the CPU
                 state["step"] = state["step"].to(p.device)
             # FSDP2: the local shards (views: the kernel's in-place writes land in the DTensors)
+            if _local(state["exp_avg"]).shape != _local(p).shape:
+                raise ValueError(
+                    f"MuonAdamW: AdamW state of shape {tuple(_local(state['exp_avg']).shape)} for a parameter holding "
+                    f"{tuple(_local(p).shape)} here (a whole-tensor state put into a sharded optimizer without "
+                    "load_state_dict?)"
+                )
             params.append(_local(p))
             grads.append(_local(p.grad))
             exp_avgs.append(_local(state["exp_avg"]))
@@ -604,10 +612,77 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 self.state.pop(p, None)
 
+    # -- parameters swapped under the optimizer -------------------------------------------------
+
+    def _flat_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _follow_param_swap(self) -> None:
+        """Carry the state over when the parameters in `param_groups` were replaced, position by position.
+
+        Accelerate's FSDP2 `prepare` shards a model whose optimizer already exists: it puts the new
+        DTensor parameters into `param_groups` in place of the old ones, but `self.state` is keyed by
+        parameter, so a state loaded before (e.g. SFT starting from the base run's momenta) would be
+        silently dropped. Here each new parameter takes its predecessor's state: AdamW tensors are
+        cut to the new shard's rows, Muon buffers re-owned if the split of the work changed.
+        """
+        current = self._flat_params()
+        seen = self._params_seen
+        if len(current) != len(seen):  # groups were added: nothing was swapped
+            self._params_seen = current
+            return
+        if all(a is b for a, b in zip(current, seen)):
+            return
+        start = 0
+        for index, group in enumerate(self.param_groups):
+            new = group["params"]
+            old = seen[start : start + len(new)]
+            start += len(new)
+            if all(a is b for a, b in zip(old, new)):
+                continue
+            label = group.get("name", f"group {index}")
+            if group["kind"] == "adamw":
+                for before, after in zip(old, new):
+                    if before is not after and before in self.state:
+                        entry = self.state.pop(before)
+                        if _is_dtensor(after):
+                            self._shard_like(after, entry, label)
+                        self.state[after] = entry
+                continue
+            for before in old:
+                self.state.pop(before, None)
+            if index not in self._muon_buffers:
+                continue
+            buffers = self._muon_buffers[index]
+            (_, w_old, r_old), (_, w_new, r_new) = self._comm(old), self._comm(new)
+            if (w_old, r_old) != (w_new, r_new):  # the matrices' owners changed: gather, keep the new share
+                pg_old = self._comm(old)[0]
+                k = len(new)
+                whole = [self._all_gather_chunks(b, k, pg_old, w_old, r_old)[:k] if w_old > 1 else b for b in buffers]
+                lo, hi, _ = self._owned(k, w_new, r_new)
+                buffers = tuple(b[lo:hi].clone() for b in whole)
+            device = _local(new[0]).device
+            self._bind_muon_state(index, new, *(b.to(device) for b in buffers))
+        self._params_seen = current
+
     # -- checkpoints ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _shard_like(p: Tensor, state: dict[str, Any], label: str) -> None:
+        """Turn whole-tensor AdamW state of DTensor parameter `p` into DTensors sharded like `p`."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for key, value in list(state.items()):
+            if not torch.is_tensor(value) or _is_dtensor(value) or value.ndim == 0:
+                continue
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"MuonAdamW.load_state_dict: {key} of a {tuple(p.shape)} parameter in {label} has shape "
+                                 f"{tuple(value.shape)} (was the checkpoint written by a different model?)")
+            state[key] = distribute_tensor(value.to(_local(p).device), p.device_mesh, p.placements, src_data_rank=None)
 
     def state_dict(self) -> dict[str, Any]:
         """The full optimizer state, independent of the world size. Collective when distributed."""
+        self._follow_param_swap()
         sd = super().state_dict()
         for index, group in enumerate(self.param_groups):
             if group["kind"] != "muon" or index not in self._muon_buffers:
@@ -630,12 +705,21 @@ class MuonAdamW(torch.optim.Optimizer):
         return full
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a full state (from `state_dict()` on any world size) and keep this rank's share."""
+        """Load a full state (from `state_dict()` on any world size) and keep this rank's share.
+
+        Under FSDP2 the AdamW state of a DTensor parameter may come whole (e.g. a checkpoint of a
+        1-process or DDP run): each rank keeps the rows of its shard (no communication).
+        """
         super().load_state_dict(state_dict)
         self._muon_buffers = {}
         for index, group in enumerate(self.param_groups):
             params = group["params"]
-            if group["kind"] != "muon" or not params:
+            if group["kind"] == "adamw":
+                for p in params:
+                    if _is_dtensor(p):
+                        self._shard_like(p, self.state.get(p, {}), group.get("name", f"group {index}"))
+                continue
+            if not params:
                 continue
             have = [("momentum_buffer" in self.state.get(p, {})) for p in params]
             if not any(have):
@@ -661,6 +745,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 stacks.append(torch.stack(owned) if owned else torch.zeros(0, *shape, dtype=params[0].dtype,
                                                                               device=_local(params[0]).device))
             self._bind_muon_state(index, params, *stacks)
+        self._params_seen = self._flat_params()
 
 
 def _is_dtensor(t: Tensor | None) -> bool:

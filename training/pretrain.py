@@ -363,6 +363,33 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def save_model_folder(accelerator, model, out_dir: str | Path) -> None:
+    """`save_pretrained` of the whole model from the main process; call it on every rank (collective).
+
+    Under FSDP2 the weights are gathered from the shards first, and the save runs with the model's
+    own class: fully_shard replaced it with a generated `FSDP<Name>` subclass living in torch's
+    FSDP module, which save_pretrained would otherwise write into `auto_map` (and copy torch's
+    source files next to the model's code).
+    """
+    raw = accelerator.unwrap_model(model)
+    if not is_fsdp(accelerator):
+        if accelerator.is_main_process:
+            raw.save_pretrained(out_dir)
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    full_state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        fsdp_class = type(raw)
+        own_class = next(c for c in fsdp_class.__mro__ if not issubclass(c, FSDPModule))
+        raw.__class__ = own_class
+        try:
+            raw.save_pretrained(out_dir, state_dict=full_state)
+        finally:
+            raw.__class__ = fsdp_class
+    accelerator.wait_for_everyone()
+
+
 def check_fsdp_wrapping(accelerator, model) -> None:
     """FSDP needs one dtype per sharded unit: bf16 embeddings must be units of their own."""
     plugin = accelerator.state.fsdp_plugin
@@ -580,12 +607,10 @@ def run(cfg: PretrainConfig) -> dict:
     checkpoint(loop.step)
     summary = {"step": loop.step, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb,
                "total_training_time": loop.total_training_time, "plan": asdict(plan), "config": asdict(cfg),
+               "distributed_type": str(accelerator.distributed_type.value), "processes": world,
                "history": loop.history}
     with fp8_disabled(raw_model):
-        # the full weights: gathered from the shards under FSDP (collective), the model's own otherwise
-        full_state = accelerator.get_state_dict(model) if fsdp else None
-        if accelerator.is_main_process:
-            raw_model.save_pretrained(out_dir, state_dict=full_state)
+        save_model_folder(accelerator, model, out_dir)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(out_dir)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -500,14 +500,17 @@ def run(cfg: NanoChatSFTConfig, train_dataset=None, eval_dataset=None) -> dict[s
         "eval_loss": evals[-1][1] if evals else None, "train_time_s": time.time() - t0,
         "settings": trainer.nanochat_settings, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "lora": cfg.lora, "supervision": getattr(trainer, "supervision", {}), "history": trainer.state.log_history,
+        "distributed_type": str(trainer.accelerator.distributed_type.value), "processes": trainer.accelerator.num_processes,
         "config": {k: v for k, v in cfg.to_dict().items() if _jsonable(v)},  # to_dict redacts tokens
     }
+    if not cfg.lora:  # every rank: the save is collective under FSDP
+        from training.pretrain import save_model_folder
+
+        save_model_folder(trainer.accelerator, trainer.model, out)
     if trainer.is_world_process_zero():
         if cfg.lora:
             trainer.model.save_pretrained(out / "adapter")
             trainer.model.merge_and_unload().save_pretrained(out)
-        else:
-            trainer.save_model(str(out))
         trainer.processing_class.save_pretrained(out)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         print(f"nanochat sft: saved {out} | {summary['steps']} steps | train loss {result.training_loss:.4f}"

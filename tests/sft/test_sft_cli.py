@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from app import cli
 
@@ -55,26 +56,41 @@ def test_nanochat_sft_then_rl_on_a_pretrained_base(pretrained):
     assert (rl_dir / "model.safetensors").is_file() and (rl_dir / "tokenizer.json").is_file()
 
 
-def test_two_process_sft_with_chatcore(pretrained, tmp_path):
+def launch_sft(base: Path, out: Path, *extra: str, fsdp: bool = False) -> dict:
+    """`training.sft` in 2 CPU processes (gloo) through `accelerate launch`: DDP, or FSDP2 through
+    tests/training/fsdp_on_cpu.py (Accelerate enables FSDP only on accelerators)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env |= {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "29536"]
+    if fsdp:
+        launcher += ["--config_file", str(REPO / "accelerate_configs/cpu_2proc_fsdp.yaml"),
+                     str(REPO / "tests/training/fsdp_on_cpu.py"), "training.sft"]
+    else:
+        launcher += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                     "--dynamo_backend", "no", "-m", "training.sft"]
+    cmd = [*launcher, "--base", str(base), "--output_dir", str(out), "--mixture", "demo", "--max_conversations", "48",
+           "--max_steps", "2", "--device_batch_size", "1", "--eval_strategy", "no", "--use_cpu", "true",
+           "--disable_tqdm", "true", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_two_process_sft_with_chatcore_then_fsdp2_matches(pretrained, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): SFT with ChatCORE during training, whose problems are
-    split across the ranks and all-reduced; the logged accuracies equal one process evaluating the saved model."""
+    split across the ranks and all-reduced; the logged accuracies equal one process evaluating the saved model.
+    Then the same SFT under FSDP2, whose weights must equal the DDP run's."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eval.chat import LocalChat, evaluate_chatcore
 
     out = tmp_path / "sft2"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env |= {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     tasks = "ARC-Easy|SpellingBee"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29536",
-           "-m", "training.sft", "--base", str(pretrained / "base"), "--output_dir", str(out), "--mixture", "demo",
-           "--max_conversations", "48", "--max_steps", "2", "--device_batch_size", "1", "--eval_strategy", "no",
-           "--use_cpu", "true", "--disable_tqdm", "true", "--chatcore_every", "2", "--chatcore_max_problems", "6",
-           "--chatcore_tasks", tasks, "--chatcore_max_new_tokens", "8"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = launch_sft(pretrained / "base", out, "--chatcore_every", "2", "--chatcore_max_problems", "6",
+                         "--chatcore_tasks", tasks, "--chatcore_max_new_tokens", "8")
+    assert (summary["distributed_type"], summary["processes"]) == ("MULTI_CPU", 2)
     logged = [h for h in summary["history"] if "chatcore/ARC-Easy" in h]
     assert [h["step"] for h in logged] == [2]
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -82,6 +98,18 @@ def test_two_process_sft_with_chatcore(pretrained, tmp_path):
                                max_problems=6, max_new_tokens=8)
     for name, result in single["tasks"].items():
         assert logged[0][f"chatcore/{name}"] == pytest.approx(result["accuracy"], abs=1e-9), name
+
+    # the same SFT under FSDP2 (row-sharded parameters, MuonAdamW's all-to-all) == DDP, same batches
+    fsdp = tmp_path / "fsdp"
+    summary = launch_sft(pretrained / "base", fsdp, "--chatcore_every", "-1", fsdp=True)
+    assert (summary["distributed_type"], summary["processes"]) == ("FSDP", 2)
+    assert summary["settings"]["optimizer_state"].endswith("optimizer.bin")  # the base run's momenta, sharded
+    assert json.loads((fsdp / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_nanochat.NanoChatForCausalLM"
+    a, b = load_file(out / "model.safetensors"), load_file(fsdp / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
 def test_cli_lists_the_stages_and_reports_bad_flags(capsys):

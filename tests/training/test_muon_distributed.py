@@ -151,6 +151,20 @@ def worker(outdir: Path) -> None:
     set_optimizer_state_dict(fsdp_model, fsdp_opt, ref["optimizer_fqn"], options=FULL)
     step(fsdp_model, fsdp_opt, data[STEPS])
     out["fsdp_from_1rank_step4"] = [p.full_tensor() for p in fsdp_model.parameters()]
+    # as Accelerate does it: optimizer built and loaded on the plain model, which is sharded afterwards
+    # and its new DTensor parameters put into the optimizer's groups (the state must follow them)
+    ref = torch.load(outdir / "reference_step3.pt", weights_only=True)  # afresh: loading shares tensors, steps mutate
+    model = tiny_model()
+    model.load_state_dict(ref["model"])
+    opt = make_optimizer(model, distributed=False)
+    opt.load_state_dict(ref["optimizer"])
+    before = list(model.parameters())
+    fsdp_model, _ = fully_sharded(model)
+    after = dict(zip(map(id, before), fsdp_model.parameters()))
+    for group in opt.param_groups:
+        group["params"] = [after[id(p)] for p in group["params"]]
+    step(fsdp_model, opt, data[STEPS])
+    out["fsdp_swapped_step4"] = [p.full_tensor() for p in fsdp_model.parameters()]
 
     if rank == 0:
         torch.save(out, outdir / "rank0.pt")
@@ -197,6 +211,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(ours, ref, **close, msg=lambda s, n=name: f"FSDP2 {n}: {s}")
     for name, ours, ref in zip(names, out["fsdp_from_1rank_step4"], step4):
         torch.testing.assert_close(ours, ref, **close, msg=lambda s, n=name: f"FSDP2 resumed {n}: {s}")
+    for name, ours, ref in zip(names, out["fsdp_swapped_step4"], step4):  # Muon state re-owned across 1 -> 2 ranks
+        torch.testing.assert_close(ours, ref, **close, msg=lambda s, n=name: f"FSDP2 after the swap {n}: {s}")
     # the FSDP2 run's full (gathered) optimizer state == the 1-process state, parameter by parameter
     fsdp_state = out["fsdp_state"]["state"]
     assert fsdp_state.keys() == state3_fqn["state"].keys()

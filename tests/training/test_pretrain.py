@@ -154,6 +154,12 @@ def test_two_process_fsdp2_matches_single_process_and_resumes_bitwise(corpus, si
     == 1 process; its sharded checkpoint (torch.distributed.checkpoint) resumes bitwise."""
     single, fsdp, resumed = single_process_run, tmp_path / "fsdp", tmp_path / "resumed"
     launch(base_args(corpus, fsdp, *DISTRIBUTED_ARGS), processes=2, fsdp_config="accelerate_configs/cpu_2proc_fsdp.yaml")
+    summary = json.loads((fsdp / "summary.json").read_text())
+    assert (summary["distributed_type"], summary["processes"]) == ("FSDP", 2)
+    # saved with the model's own class, not FSDP2's generated subclass (auto_map, code files)
+    assert json.loads((fsdp / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_nanochat.NanoChatForCausalLM"
+    assert not list(fsdp.glob("_fsdp*.py")) and (fsdp / "modeling_nanochat.py").is_file()
     step3 = fsdp / "checkpoints" / "step-000003"
     assert (step3 / "pytorch_model_fsdp_0").is_dir() and (step3 / "optimizer_0").is_dir()  # sharded (DCP) state
     h1, h2 = history(single), history(fsdp)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eval.core import rank_world
 from eval.metrics.centered_accuracy.centered_accuracy import centered_accuracy, core_score
 from eval.metrics.pass_at_k.pass_at_k import mean_pass_at_k
 
@@ -215,12 +216,6 @@ class ServerChat:
 
 
 # --------------------------------------------------------------------------- the evaluation
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def evaluate_chat_task(backend, name: str, dataset=None, *, max_problems: int | None = None,
                        batch_size: int = 8, num_samples: int = 1, max_new_tokens: int = 512,
                        temperature: float = 0.0, top_k: int | None = 50, progress: bool = False) -> dict:
@@ -230,7 +225,7 @@ def evaluate_chat_task(backend, name: str, dataset=None, *, max_problems: int | 
     ds = load_chat_task(name, max_problems) if dataset is None else dataset
     if len(ds) == 0:
         raise ValueError(f"ChatCORE task {name}: no problems")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     mine = list(range(rank, len(ds), world))
     outcomes: dict[int, list[bool]] = {}
     bar = None

@@ -471,7 +471,8 @@ class TaskResult:
     correct: list[bool] = field(default_factory=list, repr=False)
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialized torch.distributed group, (0, 1) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -494,7 +495,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, data: Sequence[dict], *, max
     model.eval()
     crop = model_max_seq_len(model) if max_seq_len == "auto" else max_seq_len
     bos = bos_token_id(tokenizer)
-    rank, world = _rank_world() if split_ranks else (0, 1)
+    rank, world = rank_world() if split_ranks else (0, 1)
     mine = list(range(rank, len(data), world))
     correct = torch.zeros(len(data), dtype=torch.float32, device=next(model.parameters()).device)
     bar = None

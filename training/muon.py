@@ -518,8 +518,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 )
         p0 = _local(params[0])
         _, _, chunk = self._owned(len(params), world, rank)
-        grads = [_local(p.grad) for p in params if p.grad is not None]
-        send = torch.zeros(world * chunk, rows, n, dtype=grads[0].dtype, device=p0.device)
+        grad_dtype = next(p.grad.dtype for p in params if p.grad is not None)
+        send = torch.zeros(world * chunk, rows, n, dtype=grad_dtype, device=p0.device)
         for j, p in enumerate(params):
             if p.grad is not None:
                 send[j, :mine].copy_(_local(p.grad))
@@ -654,9 +654,8 @@ class MuonAdamW(torch.optim.Optimizer):
             if index not in self._muon_buffers:
                 continue
             buffers = self._muon_buffers[index]
-            (_, w_old, r_old), (_, w_new, r_new) = self._comm(old), self._comm(new)
+            (pg_old, w_old, r_old), (_, w_new, r_new) = self._comm(old), self._comm(new)
             if (w_old, r_old) != (w_new, r_new):  # the matrices' owners changed: gather, keep the new share
-                pg_old = self._comm(old)[0]
                 k = len(new)
                 whole = [self._all_gather_chunks(b, k, pg_old, w_old, r_old)[:k] if w_old > 1 else b for b in buffers]
                 lo, hi, _ = self._owned(k, w_new, r_new)

@@ -227,19 +227,13 @@ class PerRankState:
     def __init__(self, obj, what: str):
         self.obj, self.what = obj, what
 
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def state_dict(self) -> dict:
         import torch.distributed as dist
 
+        from eval.core import rank_world
+
         state = self.obj.state_dict()
-        rank, world = self._rank_world()
+        _, world = rank_world()
         states = [state]
         if world > 1:
             states = [None] * world
@@ -249,7 +243,9 @@ class PerRankState:
     def load_state_dict(self, state: dict) -> None:
         if "ranks" not in state:  # written before per-rank states existed: one process's
             state = {"world_size": 1, "ranks": [state]}
-        rank, world = self._rank_world()
+        from eval.core import rank_world
+
+        rank, world = rank_world()
         if state["world_size"] != world:
             raise ValueError(
                 f"--resume: the checkpoint's {self.what} was written by {state['world_size']} process(es), this run has "
